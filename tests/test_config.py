@@ -1,0 +1,94 @@
+"""Config: YAML + dotted overrides + short flags resolve as documented; invalid values name the field."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rank1.config import PAPER_TARGET_MODULES, Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+
+
+def test_defaults_are_the_papers_adapter():
+    cfg = load_config([])
+    assert (cfg.adapter.r, cfg.adapter.alpha, cfg.adapter.use_rslora, cfg.adapter.dropout) == (1, 16.0, True, 0.0)
+    assert cfg.adapter.target_modules == PAPER_TARGET_MODULES
+    assert (cfg.trainer.betas, cfg.trainer.weight_decay, cfg.trainer.warmup_ratio) == ([0.9, 0.95], 1e-4, 0.05)
+    assert cfg.trainer.objective == "sft" and cfg.model.trust_remote_code is False
+
+
+def test_yaml_then_flags_in_order(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("trainer:\n  lr: 0.01\n  max_steps: 7\n  zero_stage: 3\nmodel:\n  name_or_path: some/model\nseed: 5\n")
+    cfg = load_config(["--config", str(f), "--trainer.lr", "2e-3", "--max-steps=9", "--output-dir", "out/x",
+                       "--data", "d.jsonl", "--seed", "11", "--adapter.target_modules", "q_proj,v_proj", "--resume"])
+    assert cfg.trainer.lr == 2e-3  # flag beats file
+    assert cfg.trainer.max_steps == 9
+    assert cfg.trainer.zero_stage == "3"  # YAML int for a string choice field
+    assert cfg.model.name_or_path == "some/model"  # file value kept
+    assert cfg.logging.output_dir == "out/x" and cfg.data.path == "d.jsonl" and cfg.seed == 11
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"] and cfg.trainer.resume is True
+
+
+def test_short_flags_map_to_fields():
+    cfg = load_config(["--objective", "sft", "--model", "m", "--data", "d", "--max-steps", "3", "--output-dir", "o", "--seed", "4"])
+    assert (cfg.trainer.objective, cfg.model.name_or_path, cfg.data.path, cfg.trainer.max_steps, cfg.logging.output_dir, cfg.seed) == (
+        "sft", "m", "d", 3, "o", 4)
+
+
+def test_yaml_round_trip():
+    cfg = load_config(["--trainer.lr", "0.5", "--output-dir", "o"])
+    again = from_dict(yaml.safe_load(to_yaml(cfg)))
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trainer.lrr", "1"], "unknown config key 'trainer.lrr'"),
+        (["--nope", "1"], "unknown config key 'nope'"),
+        (["--trainer", "1"], "'trainer' is a section"),
+        (["--trainer.lr", "fast"], "--trainer.lr: trainer.lr: expected a number"),
+        (["--max-steps", "2.5"], "--max-steps: trainer.max_steps: expected an integer"),
+        (["--trainer.resume", "maybe"], "expected true or false"),
+        (["--objective", "ppo"], "trainer.objective: 'ppo' is not one of sft, grpo"),
+        (["--trainer.zero_stage", "4"], "trainer.zero_stage: '4' is not one of auto, 0, 1, 2, 3"),
+        (["--data.overlong", "cut"], "data.overlong: 'cut' is not one of truncate, drop"),
+        (["--trainer.lr", "-1"], "trainer.lr: must be > 0"),
+        (["--trainer.warmup_ratio", "1.5"], "trainer.warmup_ratio"),
+        (["--trainer.global_batch_size", "6", "--trainer.micro_batch_size", "4"], "not a multiple"),
+        (["--trainer.betas", "0.9"], "trainer.betas"),
+        (["--adapter.r", "0"], "adapter.r: must be > 0"),
+        (["--trainer.lr"], "flag --trainer.lr needs a value"),
+        (["stray"], "unexpected argument 'stray'"),
+        (["--objective", "grpo"], "grpo"),
+    ],
+)
+def test_invalid_values_name_the_field(argv, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(argv)
+    assert message in str(e.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text("trainer:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'trainer.learning_rate'"):
+        load_config(["--config", str(bad_key)])
+    bad_type = tmp_path / "type.yaml"
+    bad_type.write_text("trainer:\n  max_steps: many\n")
+    with pytest.raises(ConfigError, match=r"type.yaml: trainer.max_steps: expected an integer"):
+        load_config(["--config", str(bad_type)])
+    bad_section = tmp_path / "section.yaml"
+    bad_section.write_text("trainr:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown config section 'trainr'"):
+        load_config(["--config", str(bad_section)])
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(["--config", str(tmp_path / "missing.yaml")])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(["--config", str(broken)])
+
+
+def test_every_section_is_in_the_tree():
+    assert set(to_dict(Config())) == {"model", "adapter", "data", "trainer", "rollout", "rewards", "cluster", "logging", "export", "sae", "seed"}
