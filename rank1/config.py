@@ -129,8 +129,10 @@ class LoggingConfig:
 
 @dataclass
 class ExportConfig:
-    push_to_hub: str | None = None  # OWNER/NAME
+    push_to_hub: str | None = None  # OWNER/NAME; the final adapter is pushed when the run ends
     private: bool = False
+    revision: str | None = None  # Hub branch to push to (created if needed); None = main
+    dtype: str = "fp32"  # fp32 | bf16: dtype of the pushed adapter weights
 
 
 @dataclass
@@ -139,6 +141,10 @@ class SAEConfig:
     expansion: int = 8
     lr: float = 5e-4
     batch_size: int = 512
+    architecture: str = "batchtopk"  # batchtopk | topk | relu
+    warmup_steps: int = 100
+    aux_coefficient: float = 0.03125  # AuxK, 1/32
+    dead_after_tokens: int = 1_000_000  # a latent is dead (AuxK revives it) after this many tokens unfired
 
 
 @dataclass

@@ -1,0 +1,124 @@
+"""transformers rollout engine: the same interface as vLLM, for machines or models vLLM cannot run.
+
+A PEFT model generates left-padded batches with `model.generate`; per-token logprobs come from the raw
+logits (`output_logits`, before temperature/top-p), the same quantity vLLM's raw_logprobs mode reports
+and the learner computes. Adapter swaps copy the tensors into the existing LoRA modules with
+`set_peft_model_state_dict`; the model is rebuilt only when the adapter's shape (r, targets) changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rank1.config import ModelConfig
+from rank1.model import load_base, load_tokenizer
+from rank1.rollout.engine import Completion, EngineError, RolloutEngine, SamplingSpec, linear_shapes
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Fields of LoraConfig.to_dict() that change which modules exist; a change needs a new PEFT wrapper.
+_SHAPE_KEYS = ("r", "target_modules", "lora_alpha", "use_rslora")
+
+
+def _shape_of(peft_config: dict) -> tuple:
+    return tuple(sorted(v) if isinstance(v, (set, list)) else v for v in (peft_config.get(k) for k in _SHAPE_KEYS))
+
+
+class HFEngine(RolloutEngine):
+    def __init__(self, model_path: str, *, dtype: str = "float32", batch_size: int = 16, max_lora_rank: int = 1, seed: int = 0):
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise EngineError(f"transformers dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
+        cfg = ModelConfig(name_or_path=model_path)
+        self.tokenizer = load_tokenizer(model_path, cfg)
+        self.base = load_base(model_path, cfg, _DTYPES[dtype]).eval()
+        self.model = self.base  # becomes a PeftModel at the first load_adapter
+        self.batch_size = batch_size
+        self.max_lora_rank = max_lora_rank
+        self.vocab_size = self.base.config.vocab_size
+        self.seed = seed
+        self._shape: tuple | None = None
+        gen = self.base.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # ------------------------------------------------------------ adapter swap
+
+    def _linear_shapes(self):
+        return linear_shapes(self.base)
+
+    def _swap_adapter(self, tensors, peft_config, version):
+        from peft import get_peft_config, get_peft_model, set_peft_model_state_dict
+
+        shape = _shape_of(peft_config)
+        if shape != self._shape:
+            config = dict(peft_config)
+            config.setdefault("peft_type", "LORA")
+            config["inference_mode"] = True
+            if self._shape is not None:
+                self.base = self.model.unload()  # drop the old LoRA layers, keep the base weights
+            self.model = get_peft_model(self.base, get_peft_config(config)).eval()
+            self._shape = shape
+        set_peft_model_state_dict(self.model, tensors)
+
+    # ------------------------------------------------------------ generation and scoring
+
+    def _left_pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        return ids, mask
+
+    @torch.no_grad()
+    def _generate(self, prompts, sampling: SamplingSpec):
+        stop = set(self.eos_ids) | set(sampling.stop_token_ids)
+        torch.manual_seed(self.seed if sampling.seed is None else sampling.seed)
+        completions = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            ids, mask = self._left_pad(batch)
+            sample = sampling.temperature > 0
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=sample,
+                temperature=sampling.temperature if sample else None,
+                top_p=sampling.top_p if sample else None,
+                top_k=0 if sample else None,  # transformers defaults to top_k=50; vLLM samples without top-k
+                num_return_sequences=sampling.n,
+                eos_token_id=sorted(stop),
+                pad_token_id=self.pad_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            new = out.sequences[:, ids.shape[1] :]
+            logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            for row in range(new.shape[0]):  # rows are prompt-major: n samples of prompt 0, then prompt 1, ...
+                tokens = new[row].tolist()
+                end = next((i + 1 for i, t in enumerate(tokens) if t in stop), None)
+                tokens = tokens[:end] if end else tokens
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                completions.append(
+                    Completion(start + row // sampling.n, tokens, text, logprobs[row, : len(tokens)].tolist(), "stop" if end else "length")
+                )
+        return completions
+
+    @torch.no_grad()
+    def _score(self, sequences):
+        scores = []
+        for start in range(0, len(sequences), self.batch_size):
+            batch = sequences[start : start + self.batch_size]
+            width = max(len(s) for s in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, s in enumerate(batch):  # right padding: positions stay 0..len-1, as in training
+                ids[row, : len(s)] = torch.tensor(s)
+                mask[row, : len(s)] = 1
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            scores += [lp[row, : len(s) - 1].tolist() for row, s in enumerate(batch)]
+        return scores

@@ -1,0 +1,189 @@
+"""vLLM rollout engine with a hot-swapped rank-1 LoRA.
+
+vLLM 0.32 loads LoRA adapters only from a folder (`LoRARequest.lora_path` → PEFTHelper.from_local_dir +
+LoRAModel.from_local_checkpoint inside the engine core); in-memory tensors would need patching its
+worker. So each new version is written to a RAM-backed folder (/dev/shm) as adapter_model.safetensors
++ adapter_config.json — for a rank-1 adapter that is kilobytes to a few MB — and loaded under a
+fresh `lora_int_id`. A fresh id matters: vLLM caches adapters by id, so re-using one would serve the
+stale weights. The previous id is then removed and the prefix cache reset (cached KV blocks were
+computed under the old adapter).
+
+vLLM applies PEFT's scaling itself (PEFTHelper: alpha/sqrt(r) when use_rslora, alpha/r otherwise), so
+the config travels unchanged. On CPU the engine core runs in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0): no spawned engine process, so it works in pytest and Ray actors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+from rank1.rollout.engine import AdapterError, Completion, EngineError, RolloutEngine, SamplingSpec, linear_shapes, logprob_of
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _adapter_root() -> Path:
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    _remove_orphans(base)
+    return Path(tempfile.mkdtemp(prefix=f"rank1-lora-{os.getpid()}-", dir=base))
+
+
+def _remove_orphans(base: Path) -> None:
+    """Delete adapter folders of engines that died without cleaning up (kill -9, Ray actor kill)."""
+    for folder in base.glob("rank1-lora-*-*"):
+        try:
+            os.kill(int(folder.name.split("-")[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError):  # not ours, or a live process of another user
+            continue
+
+
+def write_peft_folder(folder: Path, tensors: dict[str, torch.Tensor], peft_config: dict, dtype: torch.dtype) -> int:
+    """Write a PEFT adapter folder vLLM can load; returns the bytes of the tensor file."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    config = dict(peft_config)
+    config.setdefault("peft_type", "LORA")
+    # to_dict() holds sets (target_modules) and str-enums (peft_type, task_type).
+    (folder / "adapter_config.json").write_text(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    return (folder / "adapter_model.safetensors").stat().st_size
+
+
+class VLLMEngine(RolloutEngine):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 2048,
+        max_lora_rank: int = 1,
+        kv_cache_gb: int = 1,
+        seed: int = 0,
+        max_num_seqs: int = 64,
+    ):
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise EngineError(f"vllm dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
+        # Read when the engine is built: a small KV cache (the box is shared) and no engine-core process.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.max_lora_rank = max_lora_rank
+        self.dtype = _DTYPES[dtype]
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            enable_lora=True,
+            max_lora_rank=max_lora_rank,
+            max_loras=1,
+            max_cpu_loras=1,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            enforce_eager=True,  # no graph capture on CPU; start-up is already the slow part
+            seed=seed,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self._lora = None  # LoRARequest of the served version
+        self._next_lora_id = 1
+        self._root = _adapter_root()
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._root), True)
+        self.last_adapter_bytes = 0
+
+    def close(self) -> None:
+        self._cleanup()
+
+    # ------------------------------------------------------------ adapter swap
+
+    def _linear_shapes(self):
+        # The HF architecture on the meta device: the names and shapes PEFT keys refer to, no weights.
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.llm.llm_engine.model_config.hf_config)
+        return linear_shapes(model)
+
+    def _swap_adapter(self, tensors, peft_config, version):
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._next_lora_id
+        self._next_lora_id += 1
+        folder = self._root / f"v{version}-id{lora_id}"
+        self.last_adapter_bytes = write_peft_folder(folder, tensors, peft_config, self.dtype)
+        request = LoRARequest(lora_name=f"rank1-v{version}-id{lora_id}", lora_int_id=lora_id, lora_path=str(folder))
+        engine = self.llm.llm_engine
+        try:
+            engine.add_lora(request)  # loads now, so a broken adapter fails here, not mid-rollout
+        except Exception as e:  # the old version stays served
+            shutil.rmtree(folder, ignore_errors=True)
+            raise AdapterError(f"vLLM rejected adapter version {version}: {e}") from e
+        old = self._lora
+        self._lora = request
+        if old is not None:
+            engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        if self._lora.lora_int_id not in engine.list_loras():
+            raise RuntimeError(f"vLLM did not keep LoRA id {lora_id} (version {version}) loaded")
+
+    # ------------------------------------------------------------ generation and scoring
+
+    def _params(self, sampling: SamplingSpec):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n,
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop_token_ids=list(sampling.stop_token_ids),
+            logprobs=0,  # only the sampled token's logprob (raw_logprobs: before temperature/top-p)
+        )
+
+    def _check_lengths(self, items, what: str, room: int) -> None:
+        limit = self.llm.llm_engine.model_config.max_model_len
+        for i, ids in enumerate(items):
+            if len(ids) + room > limit:
+                raise EngineError(f"{what} {i}: {len(ids)} tokens do not fit max_model_len={limit} (rollout.max_model_len)")
+
+    def _generate(self, prompts, sampling):
+        self._check_lengths(prompts, "prompt", 1)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompts],
+            self._params(sampling),
+            lora_request=self._lora,
+            use_tqdm=False,
+        )
+        completions = []
+        for index, request in enumerate(outputs):
+            for out in sorted(request.outputs, key=lambda o: o.index):
+                ids = list(out.token_ids)
+                logprobs = [logprob_of(entries, t) for entries, t in zip(out.logprobs, ids)]
+                finish = "stop" if out.finish_reason == "stop" else "length"
+                completions.append(Completion(index, ids, out.text, logprobs, finish))
+        return completions
+
+    def _score(self, sequences):
+        from vllm import SamplingParams
+
+        self._check_lengths(sequences, "sequence", 1)
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(s)} for s in sequences], params, lora_request=self._lora, use_tqdm=False
+        )
+        # prompt_logprobs[0] is None (nothing predicts the first token).
+        return [[logprob_of(entries, t) for entries, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outputs, sequences)]

@@ -1,0 +1,69 @@
+"""The engine-independent pieces: sampling settings, adapter checks, receipts. No model needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rank1.config import RolloutConfig
+from rank1.rollout.engine import AdapterError, AdapterReceipt, EngineError, SamplingSpec, adapter_digest, check_adapter
+from rank1.rollout.sync import AdapterSyncError, check_receipts
+
+LINEARS = {"model.layers.0.self_attn.q_proj": (8, 4), "model.layers.0.mlp.down_proj": (6, 8), "lm_head": (8, 50)}
+CONFIG = {"r": 1, "lora_alpha": 16, "use_rslora": True, "target_modules": {"q_proj", "down_proj"}}
+
+
+def adapter(r: int = 1) -> dict[str, torch.Tensor]:
+    return {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(r, 8),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(4, r),
+        "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.ones(r, 6),
+        "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.ones(8, r),
+    }
+
+
+def test_sampling_spec_from_config_and_ranges():
+    spec = SamplingSpec.from_config(RolloutConfig(max_new_tokens=7, temperature=0.5, top_p=0.9), n=4)
+    assert (spec.n, spec.max_new_tokens, spec.temperature, spec.top_p) == (4, 7, 0.5, 0.9)
+    for bad, field in ((dict(n=0), "sampling.n"), (dict(max_new_tokens=0), "sampling.max_new_tokens"),
+                       (dict(temperature=-1), "sampling.temperature"), (dict(top_p=1.5), "sampling.top_p")):
+        with pytest.raises(EngineError, match=field):
+            SamplingSpec(**bad)
+
+
+def test_check_adapter_accepts_exact_peft_keys_and_names_bad_ones():
+    check_adapter(adapter(), CONFIG, 1, LINEARS)
+    check_adapter(adapter(), {**CONFIG, "target_modules": r".*\.(q_proj|down_proj)"}, 1, LINEARS)  # regex form
+    with pytest.raises(AdapterError, match="lm_head.lora_A.weight: not a LoRA weight of a targeted"):
+        check_adapter({**adapter(), "base_model.model.lm_head.lora_A.weight": torch.ones(1, 8)}, CONFIG, 1, LINEARS)
+    with pytest.raises(AdapterError, match=r"missing base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"):
+        check_adapter({k: v for k, v in adapter().items() if "down_proj.lora_B" not in k}, CONFIG, 1, LINEARS)
+    with pytest.raises(AdapterError, match=r"rank this engine serves \(1..1\)"):
+        check_adapter(adapter(2), {**CONFIG, "r": 2}, 1, LINEARS)
+    with pytest.raises(AdapterError, match=r"shape \(2, 8\), expected \(1, 8\)"):
+        check_adapter(adapter(2), CONFIG, 2, LINEARS)
+    with pytest.raises(AdapterError, match="expected a torch.Tensor"):
+        check_adapter({**adapter(), "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": [[1.0] * 8]}, CONFIG, 1, LINEARS)
+    with pytest.raises(AdapterError, match="peft_config: expected a dict"):
+        check_adapter(adapter(), "r=1", 1, LINEARS)
+    with pytest.raises(AdapterError, match="non-empty dict"):
+        check_adapter({}, CONFIG, 1, LINEARS)
+
+
+def test_digest_sees_every_value_and_name():
+    a = adapter()
+    assert adapter_digest(a) == adapter_digest({k: v.clone() for k, v in reversed(a.items())})
+    b = {k: v.clone() for k, v in a.items()}
+    next(iter(b.values()))[0, 3] += 1e-6
+    assert adapter_digest(a) != adapter_digest(b)
+
+
+def test_check_receipts_names_the_engine_that_is_off():
+    good = AdapterReceipt(3, "d", [-1.0, -2.0])
+    check_receipts([good, AdapterReceipt(3, "d", [-1.0, -2.0005])], 3, "d", [-1.0, -2.0], atol=1e-3)
+    with pytest.raises(AdapterSyncError, match="engine 1: serves adapter version 2, expected 3"):
+        check_receipts([good, AdapterReceipt(2, "d", [-1.0, -2.0])], 3, "d")
+    with pytest.raises(AdapterSyncError, match="engine 1: probe logprobs differ from engine 0's"):
+        check_receipts([good, AdapterReceipt(3, "d", [-1.0, -2.5])], 3, "d")
+    with pytest.raises(AdapterSyncError, match="engine 0: received adapter tensors that differ"):
+        check_receipts([good], 3, "other")
