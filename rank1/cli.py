@@ -5,6 +5,8 @@
     rank1 adapters --model ID_OR_PATH    adapter count and trainable parameters, from the config alone
     rank1 generate --adapter DIR [--model M] [--max-new-tokens N] [--temperature T] PROMPT
     rank1 grade IN.jsonl --out OUT.jsonl grade completions against golds (math-verify)
+    rank1 eval --data math500|gsm8k|aime24|amc23|PATH [--adapter DIR] [--k N]   pass@1 and pass@k
+    rank1 plan RECIPE [--gpu h200]       per-device memory plan from the model config; refuses what does not fit
     rank1 sae SUBCOMMAND ...             capture adapter activations, train and read SAEs
 
 Config flags are the same for every subcommand that takes them; see README.md for the reference.
@@ -39,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
             from rank1.rewards.cli import main as grade_main
 
             return grade_main(rest)
+        if command == "plan":
+            from rank1.plan import main as plan_main
+
+            return plan_main(rest)
+        if command == "eval":
+            from rank1.evaluate import main as eval_main
+
+            return eval_main(rest)
         if command == "sae":
             from rank1.sae.cli import main as sae_main
 
