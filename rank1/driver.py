@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ CHECKPOINTS = "checkpoints"
 
 
 def log(message: str) -> None:
-    tqdm.write(f"[rank1] {message}")
+    tqdm.write(f"[rank1] {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- run directory and checkpoints

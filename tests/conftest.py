@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests run model processes side by side (learners, engines, graders) on a 2-core machine; OpenMP
+# threads that outnumber the cores spin against each other and slow a step 5-10x. One thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
