@@ -6,6 +6,7 @@
     rank1 generate --adapter DIR [--model M] [--max-new-tokens N] [--temperature T] PROMPT
     rank1 grade IN.jsonl --out OUT.jsonl grade completions against golds (math-verify)
     rank1 eval --data math500|gsm8k|aime24|amc23|PATH [--adapter DIR] [--k N]   pass@1 and pass@k
+    rank1 export RUN_OR_CHECKPOINT --out DIR [--merge] [--push-to-hub OWNER/NAME]   PEFT folder + model card, Hub push
     rank1 plan RECIPE [--gpu h200]       per-device memory plan from the model config; refuses what does not fit
     rank1 sae SUBCOMMAND ...             capture adapter activations, train and read SAEs
 
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             from rank1.rewards.cli import main as grade_main
 
             return grade_main(rest)
+        if command == "export":
+            from rank1.export import main as export_main
+
+            return export_main(rest)
         if command == "plan":
             from rank1.plan import main as plan_main
 

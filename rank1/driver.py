@@ -22,6 +22,7 @@ from tqdm import tqdm
 from rank1.actors import LocalGroup, RayGroup, free_port, init_ray, rendezvous_port
 from rank1.config import Config, ConfigError, to_yaml
 from rank1.data import collate, global_batch, load_sft_data
+from rank1.export import check_push_ready, push_run
 from rank1.model import count_adapters_from_config, load_tokenizer, resolve_model_path
 from rank1.trainer.learner import Learner, Placement
 from rank1.trainer.sft import count_target_tokens
@@ -107,6 +108,8 @@ def train(cfg: Config) -> Path:
     data = load_sft_data(cfg.data, tokenizer)
     log(data.describe())
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.examples) / t.global_batch_size))
+    if cfg.export.push_to_hub:
+        check_push_ready(cfg)  # a missing token fails now, not after hours of training
     out = prepare_output_dir(cfg)
 
     learners = make_learners(cfg, model_path, total_steps)
@@ -123,6 +126,8 @@ def train(cfg: Config) -> Path:
         learners.shutdown()
     plot_curve(out / "metrics.jsonl", out / "loss.png")
     log(f"adapter saved to {out / 'adapter'}")
+    if cfg.export.push_to_hub:
+        log(f"pushed {push_run(out, cfg)} to {cfg.export.push_to_hub}")
     return out
 
 

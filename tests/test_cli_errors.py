@@ -56,3 +56,12 @@ def test_adapter_of_another_model_is_refused(tmp_path):
     (tmp_path / "tiny" / "adapter_config.json").write_text(json.dumps(config))
     result = run_rank1("generate", "--adapter", str(tmp_path / "tiny"), "Hi")
     assert result.returncode == 2 and "does not fit base model smollm2-135m-instruct" in result.stderr
+
+
+def test_push_without_token_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored login either
+    out = tmp_path / "run"
+    result = run_rank1("train", "--export.push_to_hub", "someone/rank1-test", "--max-steps", "1", "--output-dir", str(out))
+    assert result.returncode == 2 and "token" in result.stderr.lower(), result.stderr[-2000:]
+    assert not out.exists()

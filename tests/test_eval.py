@@ -35,7 +35,9 @@ def test_bad_eval_input(tmp_path):
     bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"}\n')
     result = run_rank1("eval", "--data", str(bad), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "bad.jsonl:2: missing or non-scalar 'answer'" in result.stderr
-    result = run_rank1("eval", "--data", str(bad), "--adapter", str(tmp_path))
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"problem": "1+1?", "answer": "2"}\n')
+    result = run_rank1("eval", "--data", str(good), "--adapter", str(tmp_path))
     assert result.returncode == 2 and "no adapter_config.json" in result.stderr
 
 
