@@ -62,7 +62,7 @@ def run_trl(args) -> dict:
 
     timer = StepTimer()
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-                       max_steps=args.steps, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.05,
+                       max_steps=args.steps, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05,
                        weight_decay=1e-4, adam_beta2=0.95, max_grad_norm=1.0, max_length=args.max_length,
                        completion_only_loss=True, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
                        logging_steps=10**6, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, seed=0)

@@ -14,6 +14,10 @@ import socket
 from typing import Any, Sequence
 
 
+class WorkerDied(RuntimeError):
+    """A worker process of a group died (killed, OOM, node lost) during a call."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,6 +51,13 @@ class RayGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundles = [{"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})} for _ in range(size)]
+        total = ray.cluster_resources()
+        for kind, each in bundles[0].items():
+            if size * each > total.get(kind, 0):  # can never be placed: fail now instead of waiting
+                raise RuntimeError(
+                    f"cannot place {size} workers of {bundles[0]} each: the cluster has {total.get('CPU', 0):g} CPUs "
+                    f"and {total.get('GPU', 0):g} GPUs in all"
+                )
         self.pg = placement_group(bundles, strategy=strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=float(os.environ.get("RANK1_PLACEMENT_TIMEOUT", 60)))
         if not ready:
@@ -72,16 +83,30 @@ class RayGroup:
         import ray
 
         refs = [getattr(w, method).remote(*(per_rank[i] if per_rank else args)) for i, w in enumerate(self.workers)]
-        return ray.get(refs)
+        try:
+            # Wait for whichever finishes first: when a worker dies its peers may hang in a collective
+            # waiting for it, so a plain ray.get in rank order could block forever on a live one.
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done[0])
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            raise WorkerDied(f"a {type(self.workers[0]).__name__} worker died during {method}: {e}") from e
 
-    def node_ips(self) -> list[str]:
-        return bundle_node_ips(self.pg)
+    def node_ids(self) -> list[str]:
+        from ray.util import placement_group_table
+
+        return [placement_group_table(self.pg)["bundles_to_node_id"][i] for i in range(self.size)]
 
     def shutdown(self) -> None:
         import ray
 
         for w in self.workers:
-            ray.kill(w)
+            try:
+                ray.kill(w)
+            except Exception:  # already dead
+                pass
         ray.util.remove_placement_group(self.pg)
         self.workers = []
 
@@ -114,8 +139,19 @@ def init_ray(cluster) -> None:
     if ray.is_initialized():
         return
     address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "auto":
+        check_reachable(address)  # ray.init retries an unreachable address for many minutes
     local = {} if address else {"num_cpus": cluster.local_num_cpus, "object_store_memory": cluster.local_object_store_mb << 20}
     try:
         ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, **local)
     except ConnectionError as e:
+        raise RuntimeError(f"cannot reach the Ray cluster at {address!r} (cluster.address / RAY_ADDRESS): {e}") from None
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
         raise RuntimeError(f"cannot reach the Ray cluster at {address!r} (cluster.address / RAY_ADDRESS): {e}") from None

@@ -114,6 +114,7 @@ class RewardsConfig:
 class ClusterConfig:
     address: str | None = None  # Ray address ('auto', 'ray://…', host:port); None = local
     placement: str = "PACK"  # PACK | SPREAD: fill one node first, or put learners on different nodes
+    max_learner_restarts: int = 2  # a dead learner restarts the group from the last checkpoint
     local_num_cpus: int | None = None  # a local Ray started by rank1: CPUs to offer (None = all)
     local_object_store_mb: int = 512  # ... and its object store: only adapter tensors and batches go through it
     cpus_per_learner: float = 1.0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rank1.actors import LocalGroup, RayGroup, free_port, init_ray, rendezvous_port
+from rank1.actors import LocalGroup, RayGroup, WorkerDied, free_port, init_ray, rendezvous_port
 from rank1.config import Config, ConfigError, to_yaml
 from rank1.data import collate, global_batch, load_sft_data
 from rank1.export import check_push_ready, push_run
@@ -55,6 +55,12 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def restore_point(out: Path) -> int:
+    """The step of the newest complete checkpoint, 0 when there is none."""
+    checkpoint = latest_checkpoint(out)
+    return json.loads((checkpoint / "trainer_state.json").read_text())["step"] if checkpoint else 0
+
+
 def save_checkpoint(out: Path, step: int, learners, keep: int) -> Path:
     root = out / CHECKPOINTS
     final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
@@ -84,9 +90,11 @@ def make_learners(cfg: Config, model_path: str, total_steps: int):
         local_rank = ips[:rank].count(ips[rank])
         return (cfg, model_path, Placement(rank, n, ips[0], port[0], local_rank), total_steps)
 
-    return RayGroup(
+    group = RayGroup(
         Learner, n, args, num_cpus=cfg.cluster.cpus_per_learner, num_gpus=cfg.cluster.gpus_per_learner, strategy=cfg.cluster.placement
     )
+    log("learners placed " + ", ".join(f"rank {r} on node {node[:12]}" for r, node in enumerate(group.node_ids())))
+    return group
 
 
 def split_batch(rows: list, world_size: int, micro_batch_size: int, pad_id: int) -> list[list[dict]]:
@@ -112,18 +120,24 @@ def train(cfg: Config) -> Path:
         check_push_ready(cfg)  # a missing token fails now, not after hours of training
     out = prepare_output_dir(cfg)
 
-    learners = make_learners(cfg, model_path, total_steps)
-    try:
-        start = 0
-        if t.resume:
-            checkpoint = latest_checkpoint(out)
-            learners.call("load_checkpoint", str(checkpoint))
-            start = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-            log(f"resumed from {checkpoint} at step {start}")
-        run_steps(cfg, out, learners, data.examples, tokenizer.pad_token_id, start, total_steps)
-        learners.call("save_adapter", str(out / "adapter"))
-    finally:
-        learners.shutdown()
+    start = restore_point(out) if t.resume else 0
+    for attempt in range(cfg.cluster.max_learner_restarts + 1):
+        learners = make_learners(cfg, model_path, total_steps)
+        try:
+            if start:
+                checkpoint = latest_checkpoint(out)
+                learners.call("load_checkpoint", str(checkpoint))
+                log(f"resumed from {checkpoint} at step {start}")
+            run_steps(cfg, out, learners, data.examples, tokenizer.pad_token_id, start, total_steps)
+            learners.call("save_adapter", str(out / "adapter"))
+            break
+        except WorkerDied as e:
+            if attempt == cfg.cluster.max_learner_restarts:
+                raise RuntimeError(f"learners died {attempt + 1} times (cluster.max_learner_restarts={attempt}); last: {e}") from e
+            start = restore_point(out)
+            log(f"{e}; restarting the learner group from step {start} (restart {attempt + 1} of {cfg.cluster.max_learner_restarts})")
+        finally:
+            learners.shutdown()
     plot_curve(out / "metrics.jsonl", out / "loss.png")
     log(f"adapter saved to {out / 'adapter'}")
     if cfg.export.push_to_hub:
