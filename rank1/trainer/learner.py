@@ -126,8 +126,7 @@ class Learner:
         grad_norm = None
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, _ = sft_loss_sum(logits, batch["labels"])
+            loss, _ = sft_loss_sum(self.engine, batch)
             self.engine.backward(loss * scale)
             if i == len(micro_batches) - 1 and self.zero_stage == 0:
                 grad_norm = unclipped_grad_norm(self.adapter_params)  # DeepSpeed reports none at stage 0
@@ -137,18 +136,6 @@ class Learner:
         if grad_norm is None and self.engine.get_global_grad_norm() is not None:
             grad_norm = float(self.engine.get_global_grad_norm())
         return {"loss_sum": loss_sum, "tokens": tokens, "lr": lr, "grad_norm": grad_norm}
-
-    @torch.no_grad()
-    def eval_loss(self, micro_batches: list[dict]) -> tuple[float, int]:
-        """Summed completion loss and target tokens on this rank's rows (adapter on); collective."""
-        self.engine.eval()
-        loss_sum, n_sum = 0.0, 0
-        for batch in micro_batches:
-            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, n = sft_loss_sum(logits, batch["labels"])
-            loss_sum, n_sum = loss_sum + loss.item(), n_sum + n
-        return loss_sum, n_sum
 
     # ------------------------------------------------------------ the adapter
 

@@ -42,9 +42,11 @@ def saved_bytes_per_token(layers: int, dtype: torch.dtype, checkpointing: bool, 
 
     ids = torch.randint(0, SMALL["vocab_size"], (1, TOKENS))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}  # every token a target
         if with_loss:
-            sft_loss_sum(logits, ids)
+            sft_loss_sum(model, batch)
+        else:
+            model(input_ids=ids, attention_mask=batch["attention_mask"])
     return sum(storages.values()) / TOKENS
 
 
