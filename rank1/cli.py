@@ -16,11 +16,14 @@ Config flags are the same for every subcommand that takes them; see README.md fo
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from rank1.config import ConfigError, load_config, to_yaml
 
 USAGE = __doc__
+# Subcommands whose module parses its own arguments; imported only when used.
+ROLE_COMMANDS = {"grade": "rank1.rewards.cli", "sae": "rank1.sae.cli", "eval": "rank1.evaluate", "export": "rank1.export", "plan": "rank1.plan"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,42 +32,19 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    handlers = {"train": cmd_train, "config": cmd_config, "adapters": cmd_adapters, "generate": cmd_generate}
+    if command not in handlers and command not in ROLE_COMMANDS:
+        print(f"rank1: unknown command '{command}'\n{USAGE}", file=sys.stderr)
+        return 2
     try:
-        if command == "train":
-            return cmd_train(rest)
-        if command == "config":
-            return cmd_config(rest)
-        if command == "adapters":
-            return cmd_adapters(rest)
-        if command == "generate":
-            return cmd_generate(rest)
-        if command == "grade":
-            from rank1.rewards.cli import main as grade_main
-
-            return grade_main(rest)
-        if command == "export":
-            from rank1.export import main as export_main
-
-            return export_main(rest)
-        if command == "plan":
-            from rank1.plan import main as plan_main
-
-            return plan_main(rest)
-        if command == "eval":
-            from rank1.evaluate import main as eval_main
-
-            return eval_main(rest)
-        if command == "sae":
-            from rank1.sae.cli import main as sae_main
-
-            return sae_main(rest)
+        if command in handlers:
+            return handlers[command](rest)
+        return importlib.import_module(ROLE_COMMANDS[command]).main(rest)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         # Our input errors (ConfigError, DataError, ModelError are ValueErrors) end the run with
         # one clear line; anything else is a bug and keeps its traceback.
         print(f"rank1 {command}: error: {e}", file=sys.stderr)
         return 2
-    print(f"rank1: unknown command '{command}'\n{USAGE}", file=sys.stderr)
-    return 2
 
 
 def cmd_train(argv: list[str]) -> int:

@@ -4,11 +4,14 @@ mid-run, and clear errors for an unreachable cluster or one too small."""
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -94,7 +97,8 @@ def test_killed_learner_restarts_the_group_from_the_checkpoint(tmp_path, one_nod
 @pytest.mark.slow
 def test_ray_job_submit_runs_rank1_train(tmp_path):
     gcs, dashboard = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray's token authentication, as on a real cluster: head and client share a secret token.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen([RAY_BIN, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              "--object-store-memory=200000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard}", "--disable-usage-stats"], env=env,
@@ -106,6 +110,8 @@ def test_ray_job_submit_runs_rank1_train(tmp_path):
             try:
                 urllib.request.urlopen(f"{url}/api/version", timeout=2)
                 break
+            except urllib.error.HTTPError:  # it answers (401 where Ray's token auth is on): the job server is up
+                break
             except OSError:
                 assert time.time() < deadline and head.poll() is None, "the Ray head did not start"
                 time.sleep(1)
@@ -114,7 +120,8 @@ def test_ray_job_submit_runs_rank1_train(tmp_path):
                                  "python", "-m", "rank1.cli", "train", *SMALL, "--max-steps", "2", "--output-dir", str(out)],
                                 env=env, capture_output=True, text=True, timeout=900)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
-        assert "SUCCEEDED" in submit.stdout
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", submit.stdout)
+        assert re.search(r"Job 'raysubmit_\w+' succeeded", plain), plain[-2000:]
         assert sum(t.numel() for t in adapter(out).values()) == 305_280
     finally:
         os.killpg(head.pid, signal.SIGTERM)

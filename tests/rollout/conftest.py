@@ -11,26 +11,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    # The machine is shared: two threads under contention are far slower than one for a 135M model.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def smollm_path() -> str:
-    from rank1.config import ModelConfig
-    from rank1.model import ModelError, resolve_model_path
-
-    try:
-        return resolve_model_path(ModelConfig())
-    except ModelError as e:
-        pytest.skip(f"the embedded SmolLM2 model is not available: {e}")
-
-
 class Learner:
     """The trainer's side of a sync: a PEFT model whose adapter we set, and a plain forward pass."""
 
@@ -67,8 +47,8 @@ class Learner:
 
 
 @pytest.fixture(scope="session")
-def learner(smollm_path) -> Learner:
-    return Learner(smollm_path)
+def learner(model_path) -> Learner:
+    return Learner(model_path)
 
 
 def max_diff(a: list[float], b: list[float]) -> float:

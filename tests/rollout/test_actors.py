@@ -28,9 +28,9 @@ def test_split_evenly():
     assert split_evenly(0, 2) == []
 
 
-def test_killed_engine_is_restarted_and_its_batch_retried(smollm_path, learner, ray_session):
+def test_killed_engine_is_restarted_and_its_batch_retried(model_path, learner, ray_session):
     cfg = RolloutConfig(backend="transformers", num_engines=2, max_restarts=1)
-    group = EngineGroup.from_config(cfg, smollm_path)
+    group = EngineGroup.from_config(cfg, model_path)
     try:
         learner.randomize(seed=21)
         tensors, config = learner.adapter()
@@ -63,8 +63,8 @@ def test_killed_engine_is_restarted_and_its_batch_retried(smollm_path, learner, 
         group.shutdown()
 
 
-def test_engine_that_cannot_restart_gives_a_clear_error(smollm_path, ray_session):
-    group = EngineGroup("transformers", smollm_path, num_engines=1, max_restarts=0)
+def test_engine_that_cannot_restart_gives_a_clear_error(model_path, ray_session):
+    group = EngineGroup("transformers", model_path, num_engines=1, max_restarts=0)
     try:
         pid = group.pids()[0]
         os.kill(pid, signal.SIGKILL)
@@ -74,8 +74,8 @@ def test_engine_that_cannot_restart_gives_a_clear_error(smollm_path, ray_session
         group.shutdown()
 
 
-def test_unknown_backend_is_named(smollm_path, ray_session):
+def test_unknown_backend_is_named(model_path, ray_session):
     with pytest.raises(ValueError, match="rollout.backend: 'tgi'"):
         from rank1.rollout.actors import make_engine
 
-        make_engine("tgi", smollm_path)
+        make_engine("tgi", model_path)

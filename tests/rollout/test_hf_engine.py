@@ -15,10 +15,10 @@ ATOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def engine(smollm_path):
+def engine(model_path):
     from rank1.rollout.hf_engine import HFEngine
 
-    return HFEngine(smollm_path, batch_size=4)
+    return HFEngine(model_path, batch_size=4)
 
 
 def test_serves_base_model_before_any_adapter(engine):

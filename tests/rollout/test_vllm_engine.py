@@ -21,12 +21,12 @@ ATOL = 2e-3  # vLLM's CPU kernels (fp32) vs a plain transformers forward; observ
 
 
 @pytest.fixture(scope="module")
-def group(smollm_path, ray_session):
+def group(model_path, ray_session):
     pytest.importorskip("vllm")
     from rank1.rollout.actors import EngineGroup
 
     start = time.perf_counter()
-    group = EngineGroup.from_config(RolloutConfig(backend="vllm", num_engines=1, max_model_len=512), smollm_path)
+    group = EngineGroup.from_config(RolloutConfig(backend="vllm", num_engines=1, max_model_len=512), model_path)
     assert group.versions() == [-1]
     print(f"\nvLLM engine actor start-up: {time.perf_counter() - start:.1f}s")
     pid = group.pids()[0]

@@ -10,27 +10,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine is shared: two threads under contention are ~10x slower than one for these small ops.
-    # Module scope: the setting is restored before other folders' tests run.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def smollm_path() -> str:
-    from rank1.config import ModelConfig
-    from rank1.model import ModelError, resolve_model_path
-
-    try:
-        return resolve_model_path(ModelConfig())
-    except ModelError as e:
-        pytest.skip(f"the embedded SmolLM2 model is not available: {e}")
-
-
 def make_tiny_model(out: Path, tokenizer_path: str, hidden: int = 64, layers: int = 2, seed: int = 0) -> str:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -97,8 +76,8 @@ def model_factory():
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, smollm_path) -> str:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm_path)
+def tiny_model(tmp_path_factory, model_path) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", model_path)
 
 
 @pytest.fixture(scope="session")

@@ -59,8 +59,8 @@ def test_k_larger_than_dictionary(tmp_path, collected: Path, capsys):
     assert "--architecture 'gated'" in err
 
 
-def test_adapter_not_matching_the_model(tmp_path, tiny_adapter, model_factory, smollm_path, capsys):
-    other = model_factory(tmp_path / "other", smollm_path, hidden=32)  # same layer names, other shapes
+def test_adapter_not_matching_the_model(tmp_path, tiny_adapter, model_factory, model_path, capsys):
+    other = model_factory(tmp_path / "other", model_path, hidden=32)  # same layer names, other shapes
     err = _error(capsys, ["collect", "--adapter", tiny_adapter, "--model", other, "--data", "arithmetic", "--tokens", "100", "--out", str(tmp_path / "acts")])
     assert f"--adapter {tiny_adapter}: does not fit the model {other}" in err
     err = _error(capsys, ["collect", "--adapter", str(tmp_path), "--model", other, "--data", "arithmetic", "--tokens", "100", "--out", str(tmp_path / "acts")])

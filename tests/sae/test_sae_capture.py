@@ -9,12 +9,12 @@ from rank1.model import load_base
 from rank1.sae.capture import ActivationCapture, SpliceAdapters, adapter_sites
 
 
-def test_capture_equals_A_times_module_input_on_smollm2(smollm_path, tmp_path, adapter_factory):
+def test_capture_equals_A_times_module_input_on_smollm2(model_path, tmp_path, adapter_factory):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    adapter = adapter_factory(smollm_path, tmp_path / "adapter", seed=1, b_scale=0.05)
-    model = PeftModel.from_pretrained(load_base(smollm_path, ModelConfig(), torch.float32), adapter).eval()
+    adapter = adapter_factory(model_path, tmp_path / "adapter", seed=1, b_scale=0.05)
+    model = PeftModel.from_pretrained(load_base(model_path, ModelConfig(), torch.float32), adapter).eval()
     sites = adapter_sites(model)
     assert len(sites) == 210  # 30 layers x 7 projections
     assert all(s.lora_A.weight.abs().sum() > 0 for s in sites)
@@ -23,7 +23,7 @@ def test_capture_equals_A_times_module_input_on_smollm2(smollm_path, tmp_path, a
     inputs = {}
     wrappers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules()}
     handles = [wrappers[s.name].register_forward_pre_hook(lambda m, args, name=s.name: inputs.__setitem__(name, args[0].detach())) for s in sites]
-    tok = AutoTokenizer.from_pretrained(smollm_path)
+    tok = AutoTokenizer.from_pretrained(model_path)
     ids = tok(["Natalia sold clips to 48 of her friends.", "What is 2 + 3?"], return_tensors="pt", padding=True)
     with torch.inference_mode():
         plain = model(**ids).logits

@@ -1,0 +1,73 @@
+"""SFT step time through the Ray driver and actor group vs the same learner run directly in-process.
+
+    python benchmarks/ray_overhead.py [--steps 20] [--batch 8]
+
+Both sides run the driver's own loop (`rank1.driver.run_steps`) on the same data; the learner is either
+a LocalGroup in this process or a one-actor RayGroup holding all CPUs (so both get the same threads).
+Each side runs in its own child process. Prints mean step seconds of both and the ratio (target <= 1.1x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run_side(side: str, args) -> float:
+    from rank1.actors import LocalGroup, RayGroup, free_port, init_ray
+    from rank1.config import load_config
+    from rank1.data import load_sft_data
+    from rank1.driver import run_steps
+    from rank1.model import load_tokenizer, resolve_model_path
+    from rank1.trainer.learner import Learner, Placement
+
+    out = Path(tempfile.mkdtemp())
+    cfg = load_config(["--data.arithmetic_rows", "256", "--data.max_length", "256", "--trainer.global_batch_size", str(args.batch),
+                       "--trainer.micro_batch_size", str(args.batch), "--max-steps", str(args.steps), "--trainer.checkpoint_every", "0",
+                       "--trainer.zero_stage", "0", "--logging.progress", "false", "--output-dir", str(out),
+                       "--cluster.cpus_per_learner", str(os.cpu_count()), "--cluster.local_object_store_mb", "256"])
+    path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(path, cfg.model)
+    data = load_sft_data(cfg.data, tokenizer)
+    if side == "direct":
+        group = LocalGroup(Learner, (cfg, path, Placement(0, 1, "127.0.0.1", free_port()), args.steps))
+    else:
+        init_ray(cfg.cluster)
+        group = RayGroup(Learner, 1, lambda rank, ips: (cfg, path, Placement(0, 1, ips[0], free_port()), args.steps),
+                         num_cpus=cfg.cluster.cpus_per_learner, num_gpus=0)
+    run_steps(cfg, out, group, data.examples, tokenizer.pad_token_id, 0, args.steps)
+    group.shutdown()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
+    return sum(r["seconds"] for r in rows) / len(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--side", choices=["direct", "ray"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        print("RESULT", run_side(args.side, args))
+        return
+    seconds = {}
+    for side in ("direct", "ray"):
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
+        seconds[side] = float(line[0].split()[1])
+    print(f"SmolLM2-135M, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up not timed)")
+    for side, s in seconds.items():
+        print(f"{side:8} {s:.3f} s/step")
+    print(f"ratio ray/direct: {seconds['ray'] / seconds['direct']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
