@@ -27,7 +27,8 @@ def run_rank1(args) -> dict:
     cfg = load_config(["--model", args.model, "--data.arithmetic_rows", str(args.rows), "--data.max_length", str(args.max_length),
                        "--trainer.global_batch_size", str(args.batch), "--trainer.micro_batch_size", str(args.batch),
                        "--max-steps", str(args.steps), "--trainer.checkpoint_every", "0", "--trainer.zero_stage", "0",
-                       "--logging.progress", "false", "--output-dir", str(out)])
+                       "--logging.progress", "false", "--output-dir", str(out),
+                       "--model.gradient_checkpointing", str(args.gradient_checkpointing).lower()])
     train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
     return {"tokens": sum(r["tokens"] for r in rows), "seconds": sum(r["seconds"] for r in rows), "final_loss": rows[-1]["loss"]}
@@ -64,7 +65,7 @@ def run_trl(args) -> dict:
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                        max_steps=args.steps, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05,
                        weight_decay=1e-4, adam_beta2=0.95, max_grad_norm=1.0, max_length=args.max_length,
-                       completion_only_loss=True, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+                       completion_only_loss=True, gradient_checkpointing=args.gradient_checkpointing, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
                        logging_steps=10**6, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, seed=0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora_config(AdapterConfig()), callbacks=[timer])
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both sides (TRL's SFTConfig turns it on by default)")
     parser.add_argument("--side", choices=["rank1", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -96,7 +98,8 @@ def main() -> None:
             sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
         results[side] = json.loads(line[0][7:])
         results[side]["tokens_per_s"] = results[side]["tokens"] / results[side]["seconds"]
-    print(f"model {args.model}, batch {args.batch}, max_length {args.max_length}, {args.steps} steps ({args.warmup} warm-up not timed)")
+    print(f"model {args.model}, batch {args.batch}, max_length {args.max_length}, {args.steps} steps ({args.warmup} warm-up not timed), "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} for both")
     print(f"{'':8}{'tokens/s':>12}{'peak RSS MB':>14}{'final loss':>12}")
     for side, r in results.items():
         print(f"{side:8}{r['tokens_per_s']:>12.1f}{r['peak_rss_mb']:>14.0f}{r['final_loss'] or float('nan'):>12.4f}")

@@ -143,7 +143,9 @@ def init_ray(cluster) -> None:
         check_reachable(address)  # ray.init retries an unreachable address for many minutes
     local = {} if address else {"num_cpus": cluster.local_num_cpus, "object_store_memory": cluster.local_object_store_mb << 20}
     try:
-        ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, **local)
+        # "local" always starts a new instance; None would attach to whatever cluster a stale
+        # /tmp/ray/ray_current_cluster file names.
+        ray.init(address=address or "local", include_dashboard=False, ignore_reinit_error=True, **local)
     except ConnectionError as e:
         raise RuntimeError(f"cannot reach the Ray cluster at {address!r} (cluster.address / RAY_ADDRESS): {e}") from None
 
