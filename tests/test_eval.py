@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA, run_rank1
+from rank1_testing import SHARED_DATA, run_rank1
 from rank1.evaluate import load_problems, pass_at_k
 
 

@@ -17,7 +17,7 @@ from rank1.model import (
     resolve_model_path,
     target_linears,
 )
-from conftest import run_rank1
+from rank1_testing import run_rank1
 
 
 def test_smollm2_has_210_adapters_and_in_plus_out_parameters(model_path):

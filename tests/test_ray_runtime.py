@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_rank1
+from rank1_testing import REPO, run_rank1
 
 SMALL = ["--data.arithmetic_rows", "16", "--data.max_length", "96", "--trainer.global_batch_size", "4",
          "--trainer.micro_batch_size", "2", "--trainer.zero_stage", "0", "--logging.progress", "false"]
@@ -119,9 +119,13 @@ def test_ray_job_submit_runs_rank1_train(tmp_path):
                 assert time.time() < deadline and head.poll() is None, "the Ray head did not start"
                 time.sleep(1)
         out = tmp_path / "job-run"
-        submit = subprocess.run([RAY_BIN, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-                                 "python", "-m", "rank1.cli", "train", *SMALL, "--max-steps", "2", "--output-dir", str(out)],
-                                env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(30):  # the job server answers before its job agent is up: "No available agent"
+            submit = subprocess.run([RAY_BIN, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
+                                     "python", "-m", "rank1.cli", "train", *SMALL, "--max-steps", "2", "--output-dir", str(out)],
+                                    env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
         plain = re.sub(r"\x1b\[[0-9;]*m", "", submit.stdout)
         assert re.search(r"Job 'raysubmit_\w+' succeeded", plain), plain[-2000:]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_rank1
+from rank1_testing import REPO, run_rank1
 
 SMALL = ["--data.arithmetic_rows", "32", "--data.max_length", "96", "--trainer.global_batch_size", "4",
          "--trainer.micro_batch_size", "2", "--trainer.zero_stage", "0", "--logging.progress", "false"]
@@ -38,6 +38,18 @@ def test_run_directory_holds_everything(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
     assert set(os.listdir(out / "adapter")) == {"adapter_config.json", "adapter_model.safetensors"}
     assert sum(t.numel() for t in adapter(out).values()) == 305_280
+    # `rank1 generate` samples from base + this adapter: the same greedy text PEFT gives in this process.
+    generated = run_rank1("generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "12", "What is 2 + 3 * 4?")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    from rank1.generate import load_adapted_model
+
+    model, tokenizer = load_adapted_model(str(out / "adapter"))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3 * 4?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        greedy = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(greedy[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert expected.strip() and generated.stdout.strip() == expected.strip()
     # A second run into the same directory is refused without --resume.
     again = run_rank1("train", *SMALL, "--max-steps", "3", "--output-dir", str(out))
     assert again.returncode != 0 and "already holds a run" in again.stderr

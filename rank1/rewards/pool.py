@@ -63,7 +63,7 @@ class RewardPool:
             if os.environ.get("RAY_ADDRESS"):
                 ray.init()  # join the cluster the user pointed at
             else:  # a small local Ray: the actors hold no CPUs, the object store only carries strings
-                ray.init(num_cpus=max(2, cfg.num_workers), object_store_memory=200 * 1024**2, include_dashboard=False)
+                ray.init(address="local", num_cpus=max(2, cfg.num_workers), object_store_memory=200 * 1024**2, include_dashboard=False)
         # num_cpus=0: an actor only waits on its child process; reserving a CPU per actor would leave
         # a small node with none for learners and rollout engines, and the pool would never schedule.
         actor_cls = ray.remote(num_cpus=0, max_restarts=cfg.max_restarts, max_task_retries=0)(RewardActor)

@@ -85,11 +85,13 @@ class EngineGroup:
     max_restarts: int = 2  # per actor, over its lifetime
     max_batch_retries: int = 2  # per generate() shard
     num_cpus_per_engine: float = 1.0
+    num_gpus_per_engine: float = 0.0
 
     def __post_init__(self):
         if self.num_engines < 1:
             raise ValueError(f"rollout.num_engines: must be >= 1, got {self.num_engines}")
-        options = dict(max_restarts=self.max_restarts, max_task_retries=0, num_cpus=self.num_cpus_per_engine)
+        options = dict(max_restarts=self.max_restarts, max_task_retries=0, num_cpus=self.num_cpus_per_engine,
+                       num_gpus=self.num_gpus_per_engine)
         self.actors = [
             EngineActor.options(**options).remote(self.backend, self.model_path, self.engine_kwargs)
             for _ in range(self.num_engines)
@@ -100,7 +102,8 @@ class EngineGroup:
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig, model_path: str, seed: int = 0) -> EngineGroup:
-        return cls(cfg.backend, model_path, cfg.num_engines, engine_kwargs(cfg, seed), max_restarts=cfg.max_restarts)
+        return cls(cfg.backend, model_path, cfg.num_engines, engine_kwargs(cfg, seed), max_restarts=cfg.max_restarts,
+                   num_cpus_per_engine=cfg.cpus_per_engine, num_gpus_per_engine=cfg.gpus_per_engine)
 
     def push_adapter(self, tensors, peft_config: dict, version: int, expected_probe: list[float] | None = None, atol: float = 1e-3):
         """Send a new adapter version to every engine (one ray.put) and check all of them serve it."""

@@ -26,9 +26,10 @@ def grader():
         yield g
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
     """A local Ray started by the test (as a trainer would); actors can import tests/rewards/user_rewards."""
+    ray.shutdown()  # one Ray per module: another folder's tests may have left theirs running
     ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(HERE)}})
     yield

@@ -60,6 +60,7 @@ def max_diff(a: list[float], b: list[float]) -> float:
 def ray_session():
     import ray
 
+    ray.shutdown()  # one Ray per module: another folder's tests may have left theirs running
     ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield
