@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from sides import report, run_sides
 
 
 def run_side(side: str, args) -> float:
@@ -54,15 +54,9 @@ def main() -> None:
     parser.add_argument("--side", choices=["direct", "ray"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        print("RESULT", run_side(args.side, args))
+        report(run_side(args.side, args))
         return
-    seconds = {}
-    for side in ("direct", "ray"):
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
-        seconds[side] = float(line[0].split()[1])
+    seconds = run_sides(__file__, ("direct", "ray"))
     print(f"SmolLM2-135M, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up not timed)")
     for side, s in seconds.items():
         print(f"{side:8} {s:.3f} s/step")

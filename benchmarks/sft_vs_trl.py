@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sides import report, run_sides
 
 
 def run_rank1(args) -> dict:
@@ -88,16 +88,11 @@ def main() -> None:
     if args.side:
         result = run_rank1(args) if args.side == "rank1" else run_trl(args)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print("RESULT " + json.dumps(result))
+        report(result)
         return
-    results = {}
-    for side in ("rank1", "trl"):
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
-        results[side] = json.loads(line[0][7:])
-        results[side]["tokens_per_s"] = results[side]["tokens"] / results[side]["seconds"]
+    results = run_sides(__file__, ("rank1", "trl"))
+    for r in results.values():
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
     print(f"model {args.model}, batch {args.batch}, max_length {args.max_length}, {args.steps} steps ({args.warmup} warm-up not timed), "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} for both")
     print(f"{'':8}{'tokens/s':>12}{'peak RSS MB':>14}{'final loss':>12}")
