@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from rank1.config import EMBEDDED_MODEL, AdapterConfig, ConfigError, ModelConfig
+from rank1.config import EMBEDDED_MODEL, AdapterConfig, ModelConfig
 
 # The public Hub id of the embedded model, written into adapter configs and model cards.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -264,8 +264,3 @@ def parameter_count_from_config(name_or_path: str, trust_remote_code: bool = Fal
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())
-
-
-def raise_if_config_error(exc: Exception) -> None:  # pragma: no cover - helper for CLI messages
-    if isinstance(exc, (ConfigError, ModelError)):
-        raise exc

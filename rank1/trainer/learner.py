@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -155,10 +154,6 @@ class Learner:
         if tensors is not None:
             write_adapter_folder(folder, tensors, lora_config(self.cfg.adapter), public_model_id(self.cfg.model))
 
-    def base_parameter_checksum(self) -> float:
-        """Sum of |w| over the local base parameters: lets tests check the base never moves."""
-        return float(sum(p.detach().abs().sum() for n, p in self.model.named_parameters() if "lora_" not in n))
-
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, folder: str) -> None:
@@ -208,7 +203,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def is_complete_checkpoint(folder: Path) -> bool:
-    return (folder / CHECKPOINT_TAG).is_dir()
