@@ -101,6 +101,9 @@ def test_ray_job_submit_runs_rank1_train(tmp_path):
     gcs, dashboard = free_port(), free_port()
     # Ray's token authentication, as on a real cluster: head and client share a secret token.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # A cluster node runs rank1's environment: `python` in the job's entrypoint is this venv's python,
+    # whatever the shell that launched pytest has first on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     head = subprocess.Popen([RAY_BIN, "start", "--head", "--block", f"--temp-dir={temp_dir}", f"--port={gcs}", "--num-cpus=2",
                              "--object-store-memory=200000000", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
