@@ -100,6 +100,29 @@ class RolloutConfig:
     cpus_per_engine: float = 1.0
     gpus_per_engine: float = 0.0  # 1 per vLLM engine on GPU nodes
     max_restarts: int = 2  # times Ray restarts a crashed engine actor
+    # GRPO: generate the next batch while the learners update (set as --rollout.async; `async` is a
+    # Python keyword). Samples are then one adapter version old; the importance weights correct that.
+    async_generation: bool = False
+
+
+@dataclass
+class GRPOConfig:
+    """The GRPO objective (trainer.objective grpo). Names follow TRL's GRPOConfig where they overlap."""
+
+    num_generations: int = 4  # G: completions per prompt; advantages are relative within each group
+    prompts_per_step: int = 8  # prompts per rollout batch (prompts_per_step × G completions)
+    max_completion_length: int = 32  # new tokens per rollout (rollout.max_new_tokens is for `rank1 eval`)
+    updates_per_batch: int = 1  # optimizer steps on each rollout batch (TRL's num_iterations, μ)
+    epsilon_low: float = 0.2  # ratio clipped to [1 - epsilon_low, 1 + epsilon_high]
+    epsilon_high: float = 0.2  # clip-higher (DAPO) raises this, e.g. 0.28
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO: no division by the std)
+    aggregation: str = "token"  # token (DAPO/TRL 'dapo') | sequence (TRL 'grpo') | constant (Dr. GRPO)
+    kl_coef: float = 0.0  # k3 KL penalty to the base model (the adapter disabled); 0 = no KL forward
+    is_correction: bool = True  # truncated importance weights: engine vs learner logprobs
+    is_cap: float = 3.0  # the weights are clipped from above at this value (TRL's clip_max)
+    filter_equal_groups: bool = False  # drop groups whose completions all got the same reward
+    # Appended to each question, as `rank1 eval` does; None = the question alone.
+    instruction: str | None = "Answer with just the number."
 
 
 @dataclass
@@ -128,6 +151,8 @@ class LoggingConfig:
     output_dir: str | None = None  # default: runs/<objective>-<timestamp>
     progress: bool = True
     log_every: int = 1
+    report_to: list[str] = field(default_factory=list)  # besides metrics.jsonl: tensorboard, wandb
+    wandb_project: str = "rank1"
 
 
 @dataclass
@@ -157,6 +182,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -190,7 +216,11 @@ CHOICES = {
     "rewards.gold_format": ("auto", "gsm8k", "latex"),
     "export.dtype": ("fp32", "bf16"),
     "sae.architecture": ("batchtopk", "topk", "relu"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.aggregation": ("token", "sequence", "constant"),
 }
+# Config keys that cannot be field names: `async` is a Python keyword.
+KEY_ALIASES = {"rollout.async": "rollout.async_generation"}
 
 
 # ---------------------------------------------------------------- typed assignment
@@ -262,13 +292,14 @@ def _section_and_field(cfg: Config, dotted: str) -> tuple[Any, str, Any]:
 
 
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    dotted = KEY_ALIASES.get(dotted, dotted)
     obj, name, tp = _section_and_field(cfg, dotted)
     setattr(obj, name, _coerce(value, tp, dotted))
 
 
 def _apply_mapping(cfg: Config, mapping: dict, prefix: str = "", source: str = "") -> None:
     for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
+        dotted = KEY_ALIASES.get(f"{prefix}{key}", f"{prefix}{key}")
         if isinstance(value, dict):
             _section_and_field_or_section(cfg, dotted, source)
             _apply_mapping(cfg, value, dotted + ".", source)
@@ -382,10 +413,10 @@ def validate(cfg: Config) -> None:
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"trainer.betas: expected two numbers in [0, 1), got {t.betas}")
     per_step = t.micro_batch_size * t.num_learners
-    if t.global_batch_size % per_step:
+    rows, rows_key = (rows_per_step(cfg), "grpo.prompts_per_step × grpo.num_generations") if t.objective == "grpo" else (t.global_batch_size, "trainer.global_batch_size")
+    if rows % per_step:
         raise ConfigError(
-            f"trainer.global_batch_size: {t.global_batch_size} is not a multiple of "
-            f"trainer.micro_batch_size × trainer.num_learners = {per_step}"
+            f"{rows_key}: {rows} is not a multiple of trainer.micro_batch_size × trainer.num_learners = {per_step}"
         )
     a = cfg.adapter
     positive("adapter.r", a.r)
@@ -399,17 +430,40 @@ def validate(cfg: Config) -> None:
     if cfg.data.max_rows is not None:
         positive("data.max_rows", cfg.data.max_rows)
     positive("logging.log_every", cfg.logging.log_every)
+    for sink in cfg.logging.report_to:
+        if sink not in ("tensorboard", "wandb"):
+            raise ConfigError(f"logging.report_to: {sink!r} is not one of tensorboard, wandb")
     positive("rewards.timeout_s", cfg.rewards.timeout_s)
     positive("rewards.num_workers", cfg.rewards.num_workers)
     positive("rollout.num_engines", cfg.rollout.num_engines)
     positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     positive("sae.k", cfg.sae.k)
     positive("sae.expansion", cfg.sae.expansion)
-    if t.objective == "grpo":
+    g = cfg.grpo
+    if g.num_generations < 2:
+        raise ConfigError(f"grpo.num_generations: must be >= 2 (advantages compare completions of one prompt), got {g.num_generations}")
+    positive("grpo.prompts_per_step", g.prompts_per_step)
+    positive("grpo.updates_per_batch", g.updates_per_batch)
+    positive("grpo.epsilon_low", g.epsilon_low, strict=False)
+    positive("grpo.epsilon_high", g.epsilon_high, strict=False)
+    positive("grpo.kl_coef", g.kl_coef, strict=False)
+    if g.epsilon_low >= 1:
+        raise ConfigError(f"grpo.epsilon_low: must be < 1 (the ratio's lower bound is 1 - epsilon_low), got {g.epsilon_low}")
+    if g.is_cap < 1:
+        raise ConfigError(f"grpo.is_cap: must be >= 1, got {g.is_cap}")
+    positive("grpo.max_completion_length", g.max_completion_length)
+    if t.objective == "grpo" and g.max_completion_length >= cfg.rollout.max_model_len:
         raise ConfigError(
-            "trainer.objective: 'grpo' is not available yet in this build (the GRPO loop lands with "
-            "the rollout and reward workers); use 'sft'"
+            f"grpo.max_completion_length: {g.max_completion_length} leaves no room for a prompt in "
+            f"rollout.max_model_len={cfg.rollout.max_model_len}"
         )
+
+
+def rows_per_step(cfg: Config) -> int:
+    """Sequences in one optimizer step over all learners: SFT rows, or GRPO completions."""
+    if cfg.trainer.objective == "grpo":
+        return cfg.grpo.prompts_per_step * cfg.grpo.num_generations
+    return cfg.trainer.global_batch_size
 
 
 def to_dict(cfg: Config) -> dict:

@@ -255,6 +255,73 @@ def load_sft_data(cfg: DataConfig, tokenizer) -> SFTData:
     return SFTData(examples, source, fmt, truncated, dropped)
 
 
+# ---------------------------------------------------------------- prompts and golds (GRPO)
+
+
+@dataclass
+class PromptRow:
+    prompt_ids: list[int]  # the conversation up to the assistant's turn, with the generation prompt
+    gold: str  # the reference answer the reward functions grade against
+    where: str  # file:line, for messages about this row
+
+
+@dataclass
+class PromptData:
+    rows: list[PromptRow]
+    source: str
+    format: str
+    dropped: int
+
+    def describe(self) -> str:
+        longest = max(len(r.prompt_ids) for r in self.rows)
+        return f"{self.source}: {len(self.rows)} prompts ({self.format}), longest {longest} tokens; over the limit: {self.dropped} dropped"
+
+
+def load_prompt_data(cfg: DataConfig, tokenizer, max_prompt_tokens: int, instruction: str | None = None) -> PromptData:
+    """Every row as (prompt token ids, gold answer), for rollouts.
+
+    The same formats as SFT: the prompt is the conversation before the last assistant message and the
+    gold is that message (a GSM8K answer, a MATH solution, an s1K attempt: the graders extract the final
+    answer), unless the row has a `gold` field. `instruction` is appended to the last user message.
+    A prompt longer than `max_prompt_tokens` cannot be truncated meaningfully: it is dropped with
+    data.overlong=drop, and is an error naming the row otherwise.
+    """
+    rows, source = read_rows(cfg)
+    fmt = cfg.format
+    out, dropped = [], 0
+    for index, row in enumerate(rows):
+        where = row.pop("__where__", f"{source} row {index + 1}")
+        row_fmt = detect_format(row, where) if fmt == "auto" else fmt
+        fmt = row_fmt if cfg.format == "auto" and index == 0 else fmt
+        messages = to_messages(row, row_fmt, cfg, where)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt, gold = [dict(m) for m in messages[:last]], messages[last]["content"]
+        if "gold" in row:
+            gold = row["gold"]
+            if not isinstance(gold, (str, int, float)) or isinstance(gold, bool):
+                raise DataError(f"{where}: field 'gold' must be a string or a number, got {type(gold).__name__}")
+            gold = str(gold)
+        users = [m for m in prompt if m["role"] == "user"]
+        if not users:
+            raise DataError(f"{where}: no user message before the assistant's answer; nothing to prompt with")
+        if instruction:
+            users[-1]["content"] = f"{users[-1]['content']} {instruction}"
+        ids = _template(tokenizer, prompt, add_generation_prompt=True)
+        if len(ids) > max_prompt_tokens:
+            if cfg.overlong == "drop":
+                dropped += 1
+                continue
+            raise DataError(
+                f"{where}: the prompt has {len(ids)} tokens, over the limit of {max_prompt_tokens} "
+                "(data.max_length, and rollout.max_model_len - rollout.max_new_tokens for the engines); "
+                "raise them or pass --data.overlong drop"
+            )
+        out.append(PromptRow(ids, gold, where))
+    if not out:
+        raise DataError(f"{source}: every prompt is longer than {max_prompt_tokens} tokens; nothing left to train on")
+    return PromptData(out, source, fmt, dropped)
+
+
 # ---------------------------------------------------------------- order and batches
 
 

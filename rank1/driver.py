@@ -2,8 +2,9 @@
 
     config -> data -> learner group -> steps (-> checkpoints) -> final adapter
 
-It pulls each global batch, splits it over learners and micro-batches, collects metrics, writes
-checkpoints atomically and the final PEFT adapter. Learners are an actor group (rank1.actors): in this
+It pulls each global batch (SFT: rows of the data set; GRPO: rollouts, see rank1.grpo_loop), splits
+it over learners and micro-batches, collects metrics, writes checkpoints atomically and the final
+PEFT adapter. Learners are an actor group (rank1.actors): in this
 process for one local learner, Ray actors otherwise.
 """
 
@@ -21,8 +22,10 @@ from tqdm import tqdm
 
 from rank1.actors import LocalGroup, RayGroup, WorkerDied, free_port, init_ray, rendezvous_port
 from rank1.config import Config, ConfigError, to_yaml
-from rank1.data import collate, global_batch, load_sft_data
+from rank1.data import collate, global_batch, load_prompt_data, load_sft_data
 from rank1.export import check_push_ready, push_run
+from rank1.grpo_loop import Rollouts, run_grpo_steps
+from rank1.metrics import MetricsSink, plot_curve
 from rank1.model import count_adapters_from_config, load_tokenizer, resolve_model_path
 from rank1.trainer.learner import Learner, Placement
 from rank1.trainer.sft import count_target_tokens
@@ -108,96 +111,88 @@ def split_batch(rows: list, world_size: int, micro_batch_size: int, pad_id: int)
 
 
 def train(cfg: Config) -> Path:
+    """Run one training job; SFT and GRPO share everything but the batch source and the loss."""
     t = cfg.trainer
+    grpo = t.objective == "grpo"
     # Everything that can reject the input runs before the run directory is touched.
     model_path = resolve_model_path(cfg.model)
     log(f"model {cfg.model.name_or_path}: {count_adapters_from_config(model_path, cfg.adapter, cfg.model.trust_remote_code).describe()}")
     tokenizer = load_tokenizer(model_path, cfg.model)
-    data = load_sft_data(cfg.data, tokenizer)
+    if grpo:
+        max_prompt = min(cfg.data.max_length, cfg.rollout.max_model_len - cfg.grpo.max_completion_length)
+        data = load_prompt_data(cfg.data, tokenizer, max_prompt, cfg.grpo.instruction)
+        total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.rows) / cfg.grpo.prompts_per_step))
+        optimizer_steps = total_steps * cfg.grpo.updates_per_batch
+    else:
+        data = load_sft_data(cfg.data, tokenizer)
+        total_steps = optimizer_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.examples) / t.global_batch_size))
     log(data.describe())
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.examples) / t.global_batch_size))
     if cfg.export.push_to_hub:
         check_push_ready(cfg)  # a missing token fails now, not after hours of training
     out = prepare_output_dir(cfg)
 
     start = restore_point(out) if t.resume else 0
-    for attempt in range(cfg.cluster.max_learner_restarts + 1):
-        learners = make_learners(cfg, model_path, total_steps)
-        try:
-            if start:
-                checkpoint = latest_checkpoint(out)
-                learners.call("load_checkpoint", str(checkpoint))
-                log(f"resumed from {checkpoint} at step {start}")
-            run_steps(cfg, out, learners, data.examples, tokenizer.pad_token_id, start, total_steps)
-            learners.call("save_adapter", str(out / "adapter"))
-            break
-        except WorkerDied as e:
-            if attempt == cfg.cluster.max_learner_restarts:
-                raise RuntimeError(f"learners died {attempt + 1} times (cluster.max_learner_restarts={attempt}); last: {e}") from e
-            start = restore_point(out)
-            log(f"{e}; restarting the learner group from step {start} (restart {attempt + 1} of {cfg.cluster.max_learner_restarts})")
-        finally:
-            learners.shutdown()
-    plot_curve(out / "metrics.jsonl", out / "loss.png")
+    rollouts = Rollouts(cfg, model_path, data, tokenizer) if grpo else None
+    try:
+        for attempt in range(cfg.cluster.max_learner_restarts + 1):
+            learners = make_learners(cfg, model_path, optimizer_steps)
+            sink = MetricsSink(cfg, out, start)
+            try:
+                if start:
+                    checkpoint = latest_checkpoint(out)
+                    learners.call("load_checkpoint", str(checkpoint))
+                    log(f"resumed from {checkpoint} at step {start}")
+                if grpo:
+                    run_grpo_steps(cfg, out, learners, rollouts, tokenizer.pad_token_id, start, total_steps, save_checkpoint, sink)
+                else:
+                    run_steps(cfg, out, learners, data.examples, tokenizer.pad_token_id, start, total_steps, sink)
+                learners.call("save_adapter", str(out / "adapter"))
+                break
+            except WorkerDied as e:
+                if attempt == cfg.cluster.max_learner_restarts:
+                    raise RuntimeError(f"learners died {attempt + 1} times (cluster.max_learner_restarts={attempt}); last: {e}") from e
+                start = restore_point(out)
+                log(f"{e}; restarting the learner group from step {start} (restart {attempt + 1} of {cfg.cluster.max_learner_restarts})")
+            finally:
+                sink.close()
+                learners.shutdown()
+    finally:
+        if rollouts:
+            rollouts.close()
+    if grpo:
+        plot_curve(out / "metrics.jsonl", out / "reward.png", "reward_mean", "mean reward", "rank1 GRPO")
+    else:
+        plot_curve(out / "metrics.jsonl", out / "loss.png", "loss", "completion loss", "rank1 SFT")
     log(f"adapter saved to {out / 'adapter'}")
     if cfg.export.push_to_hub:
         log(f"pushed {push_run(out, cfg)} to {cfg.export.push_to_hub}")
     return out
 
 
-def run_steps(cfg: Config, out: Path, learners, examples, pad_id: int, start: int, total_steps: int) -> None:
+def run_steps(cfg: Config, out: Path, learners, examples, pad_id: int, start: int, total_steps: int, sink: MetricsSink) -> None:
     t = cfg.trainer
-    metrics_path = out / "metrics.jsonl"
-    keep_metrics(metrics_path, upto_step=start)
     bar = tqdm(total=total_steps, initial=start, desc="sft", unit="step", disable=not cfg.logging.progress)
-    with metrics_path.open("a") as metrics:
-        for step in range(start, total_steps):
-            began = time.perf_counter()
-            rows = [examples[i] for i in global_batch(len(examples), cfg.seed, step, t.global_batch_size)]
-            shards = split_batch(rows, learners.size, t.micro_batch_size, pad_id)
-            target_tokens = sum(count_target_tokens(mb["labels"]) for shard in shards for mb in shard)
-            results = learners.call("train_step", per_rank=[(shard, target_tokens) for shard in shards])
-            seconds = time.perf_counter() - began
-            tokens = sum(r["tokens"] for r in results)
-            record = {
-                "step": step + 1,
-                "loss": sum(r["loss_sum"] for r in results) / target_tokens,
-                "lr": results[0]["lr"],
-                "grad_norm": results[0]["grad_norm"],
-                "tokens": tokens,
-                "tokens_per_s": tokens / seconds,
-                "seconds": seconds,
-            }
-            if (step + 1) % cfg.logging.log_every == 0 or step + 1 == total_steps:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
-                save_checkpoint(out, step + 1, learners, t.keep_checkpoints)
+    for step in range(start, total_steps):
+        began = time.perf_counter()
+        rows = [examples[i] for i in global_batch(len(examples), cfg.seed, step, t.global_batch_size)]
+        shards = split_batch(rows, learners.size, t.micro_batch_size, pad_id)
+        target_tokens = sum(count_target_tokens(mb["labels"]) for shard in shards for mb in shard)
+        results = learners.call("train_step", per_rank=[(shard, target_tokens) for shard in shards])
+        seconds = time.perf_counter() - began
+        tokens = sum(r["tokens"] for r in results)
+        record = {
+            "step": step + 1,
+            "loss": sum(r["loss_sum"] for r in results) / target_tokens,
+            "lr": results[0]["lr"],
+            "grad_norm": results[0]["grad_norm"],
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "seconds": seconds,
+        }
+        if (step + 1) % cfg.logging.log_every == 0 or step + 1 == total_steps:
+            sink.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
+            save_checkpoint(out, step + 1, learners, t.keep_checkpoints)
     bar.close()
-
-
-def keep_metrics(path: Path, upto_step: int) -> None:
-    """On resume, drop metric rows past the checkpoint: those steps run again."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto_step]
-    path.write_text("".join(r + "\n" for r in rows))
-
-
-def plot_curve(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("completion loss")
-    ax.set_title("rank1 SFT")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)

@@ -60,13 +60,26 @@ def test_yaml_round_trip():
         (["--adapter.r", "0"], "adapter.r: must be > 0"),
         (["--trainer.lr"], "flag --trainer.lr needs a value"),
         (["stray"], "unexpected argument 'stray'"),
-        (["--objective", "grpo"], "grpo"),
+        (["--objective", "grpo", "--grpo.num_generations", "1"], "grpo.num_generations: must be >= 2"),
+        (["--objective", "grpo", "--grpo.prompts_per_step", "3", "--trainer.micro_batch_size", "8"],
+         "grpo.prompts_per_step × grpo.num_generations: 12 is not a multiple"),
+        (["--grpo.aggregation", "mean"], "grpo.aggregation: 'mean' is not one of token, sequence, constant"),
+        (["--grpo.scale_rewards", "std"], "grpo.scale_rewards: 'std' is not one of group, batch, none"),
+        (["--objective", "grpo", "--grpo.max_completion_length", "4096", "--rollout.max_model_len", "2048"],
+         "grpo.max_completion_length: 4096 leaves no room for a prompt"),
+        (["--logging.report_to", "mlflow"], "logging.report_to: 'mlflow' is not one of tensorboard, wandb"),
     ],
 )
 def test_invalid_values_name_the_field(argv, message):
     with pytest.raises(ConfigError) as e:
         load_config(argv)
     assert message in str(e.value)
+
+
+def test_rollout_async_is_a_key_of_its_own():
+    # `async` is a Python keyword, so the field is async_generation; users type the short key.
+    assert load_config(["--rollout.async", "true"]).rollout.async_generation is True
+    assert load_config(["--rollout.async_generation", "true"]).rollout.async_generation is True
 
 
 def test_yaml_errors_name_the_file(tmp_path):
@@ -91,4 +104,4 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 
 def test_every_section_is_in_the_tree():
-    assert set(to_dict(Config())) == {"model", "adapter", "data", "trainer", "rollout", "rewards", "cluster", "logging", "export", "sae", "seed"}
+    assert set(to_dict(Config())) == {"model", "adapter", "data", "trainer", "rollout", "grpo", "rewards", "cluster", "logging", "export", "sae", "seed"}

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rank1.config import Config, TrainerConfig
+from rank1.config import Config, TrainerConfig, rows_per_step
 from rank1.model import attach_adapter, load_base, lora_config, public_model_id
 from rank1.trainer.adapter_io import write_adapter_folder
+from rank1.trainer.grpo import GRPOLossSettings, grpo_loss_sum, rollout_logprobs
 from rank1.trainer.sft import sft_loss_sum
 
 CHECKPOINT_TAG = "state"
@@ -45,14 +46,16 @@ def choose_zero_stage(t: TrainerConfig, model_path: str, device: str, dtype: tor
     return 0 if base_bytes < 0.5 * torch.cuda.get_device_properties(0).total_memory else 3
 
 
-def deepspeed_config(t: TrainerConfig, world_size: int, stage: int, bf16: bool) -> dict:
-    grad_accum = t.global_batch_size // (t.micro_batch_size * world_size)
+def deepspeed_config(t: TrainerConfig, world_size: int, stage: int, bf16: bool, rows: int | None = None) -> dict:
+    """`rows`: sequences per optimizer step (SFT rows or GRPO completions); default the SFT batch."""
+    rows = rows or t.global_batch_size
+    grad_accum = rows // (t.micro_batch_size * world_size)
     zero = {"stage": stage}
     if stage == 3:
         # Frozen base weights are gathered layer by layer for each forward and released after.
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=5e7)
     return {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": rows,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": t.grad_clip,
@@ -94,7 +97,7 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo", auto_mpi_discovery=False)
 
         self.zero_stage = choose_zero_stage(t, model_path, self.device, dtype)
-        ds_config = deepspeed_config(t, placement.world_size, self.zero_stage, bf16)
+        ds_config = deepspeed_config(t, placement.world_size, self.zero_stage, bf16, rows_per_step(cfg))
         if self.zero_stage == 3:
             # Must stay alive while from_pretrained runs: it makes transformers build the model
             # inside deepspeed.zero.Init, so each rank only ever materializes its shard.
@@ -108,33 +111,62 @@ class Learner:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, t, total_steps), config=ds_config
         )
+        g = cfg.grpo
+        self.grpo = GRPOLossSettings(g.epsilon_low, g.epsilon_high, g.aggregation, g.kl_coef, g.is_correction, g.is_cap)
 
     # ------------------------------------------------------------ training
 
-    def train_step(self, micro_batches: list[dict], global_target_tokens: int) -> dict:
+    def train_step(self, micro_batches: list[dict], normalizer: float) -> dict:
         """One optimizer step over this rank's micro-batches; collective.
 
-        Loss is the sum of completion-token losses divided by the target tokens of the whole global
-        batch. DeepSpeed divides by gradient-accumulation steps and averages over ranks, so we scale
-        by both to get exactly that gradient.
+        The objective's loss is a sum over the micro-batch (SFT: completion-token losses; GRPO: see
+        trainer/grpo.py), divided by `normalizer`, which the driver computes for the whole global batch
+        (SFT: its target tokens). DeepSpeed divides by gradient-accumulation steps and averages over
+        ranks, so we scale by both to get exactly that gradient. Every rank gets the same number of
+        micro-batches: under ZeRO-3 each forward is a collective.
         """
         lr = self.scheduler.get_last_lr()[0]
-        scale = self.engine.gradient_accumulation_steps() * self.placement.world_size / global_target_tokens
-        loss_sum, tokens = 0.0, 0
+        scale = self.engine.gradient_accumulation_steps() * self.placement.world_size / normalizer
+        loss_sum, tokens, stats = 0.0, 0, {}
         self.engine.train()
         grad_norm = None
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-            loss, _ = sft_loss_sum(self.engine, batch)
+            loss, extra = self._loss_sum(batch)
             self.engine.backward(loss * scale)
             if i == len(micro_batches) - 1 and self.zero_stage == 0:
                 grad_norm = unclipped_grad_norm(self.adapter_params)  # DeepSpeed reports none at stage 0
             self.engine.step()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
+            merge_stats(stats, extra)
         if grad_norm is None and self.engine.get_global_grad_norm() is not None:
             grad_norm = float(self.engine.get_global_grad_norm())
-        return {"loss_sum": loss_sum, "tokens": tokens, "lr": lr, "grad_norm": grad_norm}
+        return {"loss_sum": loss_sum, "tokens": tokens, "lr": lr, "grad_norm": grad_norm, **stats}
+
+    def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        if self.cfg.trainer.objective == "grpo":
+            return grpo_loss_sum(self.engine, batch, self.grpo)
+        loss, _ = sft_loss_sum(self.engine, batch)
+        return loss, {}
+
+    def rollout_logprobs(self, micro_batches: list[dict], adapter: bool = True) -> list[torch.Tensor]:
+        """Completion logprobs of each micro-batch under the current adapter, or the base with the adapter
+        disabled (the GRPO KL reference: no second model in memory); collective."""
+        import contextlib
+
+        self.engine.eval()
+        context = contextlib.nullcontext() if adapter else self.model.disable_adapter()
+        with context:
+            return [rollout_logprobs(self.engine, {k: v.to(self.engine.device) for k, v in b.items()}).cpu() for b in micro_batches]
+
+    @torch.no_grad()
+    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) by one plain forward: the learner's side of the engine's sync probe; collective."""
+        self.engine.eval()
+        ids = torch.tensor([token_ids], device=self.engine.device)
+        logits = self.engine(input_ids=ids).logits.float()
+        return logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
 
     # ------------------------------------------------------------ the adapter
 
@@ -177,6 +209,20 @@ class Learner:
         if torch.distributed.is_initialized():
             dist.barrier()
             torch.distributed.destroy_process_group()
+
+
+def merge_stats(total: dict, new: dict) -> dict:
+    """Add per-micro-batch (or per-rank) statistics: sums add, *_min and *_max keep the extreme."""
+    for k, v in new.items():
+        if k not in total:
+            total[k] = v
+        elif k.endswith("_min"):
+            total[k] = min(total[k], v)
+        elif k.endswith("_max"):
+            total[k] = max(total[k], v)
+        else:
+            total[k] += v
+    return total
 
 
 def unclipped_grad_norm(params) -> float:

@@ -57,3 +57,8 @@ def naps(completion: str, gold: str) -> float:
 def segfaults(completion: str, gold: str) -> float:
     os.kill(os.getpid(), signal.SIGSEGV)
     return 1.0
+
+
+def opens_with_to(completion: str, gold: str) -> float:
+    """Learnable from the first token alone: the GRPO run test's reward (SmolLM2 opens with 'To' ~1 in 4)."""
+    return 1.0 if completion.lstrip().startswith("To") else 0.0

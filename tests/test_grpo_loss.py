@@ -1,0 +1,168 @@
+"""The GRPO loss equals TRL's GRPOTrainer's on the same model, logprobs, old logprobs, advantages and
+masks (to 1e-6) for each aggregation; advantages and the batch layout; the KL reference is the base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rank1.trainer.grpo import (
+    GRPOLossSettings,
+    collate_rollouts,
+    group_advantages,
+    grpo_loss_sum,
+    normalizer,
+    rollout_logprobs,
+)
+
+# rank1 aggregation -> TRL loss_type
+AGGREGATIONS = {"token": "dapo", "sequence": "grpo", "constant": "dr_grpo"}
+PROMPT_LEN, MAX_NEW = 5, 8
+COMPLETION_LENS = [8, 3, 6, 1]
+
+
+def tiny_llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def randomize_b(model) -> None:
+    """A fresh LoRA has B = 0 (policy == reference); give B values so the adapter matters."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    """A tiny random Llama with SmolLM2's vocabulary and a rank-1 adapter whose B is not zero."""
+    from peft import get_peft_model
+
+    from rank1.config import AdapterConfig
+    from rank1.model import lora_config
+
+    model = get_peft_model(tiny_llama(tokenizer), lora_config(AdapterConfig()))
+    randomize_b(model)
+    return model.eval()
+
+
+def rollout_rows(seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, n in enumerate(COMPLETION_LENS):
+        rows.append({
+            "prompt_ids": torch.randint(10, 1000, (PROMPT_LEN,), generator=g).tolist(),
+            "completion_ids": torch.randint(10, 1000, (n,), generator=g).tolist(),
+            "advantage": [1.2, -0.7, 0.4, -1.5][i],
+            "engine_logprobs": (-torch.rand(n, generator=g) * 3).tolist(),
+        })
+    return rows
+
+
+def trl_inputs(rows: list[dict], batch: dict, old_full: torch.Tensor, ref_full: torch.Tensor, pad_id: int) -> dict:
+    """The same batch in TRL's layout: prompt (all of one length here) + right-padded completion."""
+    b = len(rows)
+    prompt_ids = torch.tensor([r["prompt_ids"] for r in rows])
+    completion_ids = torch.full((b, MAX_NEW), pad_id)
+    completion_mask = torch.zeros((b, MAX_NEW), dtype=torch.long)
+    for i, r in enumerate(rows):
+        completion_ids[i, : len(r["completion_ids"])] = torch.tensor(r["completion_ids"])
+        completion_mask[i, : len(r["completion_ids"])] = 1
+    span = slice(PROMPT_LEN - 1, PROMPT_LEN - 1 + MAX_NEW)  # completion target positions in rank1's layout
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones_like(prompt_ids),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": batch["advantages"],
+        "old_per_token_logps": pad_to(old_full, MAX_NEW + PROMPT_LEN - 1)[:, span],
+        "ref_per_token_logps": pad_to(ref_full, MAX_NEW + PROMPT_LEN - 1)[:, span],
+        "sampling_per_token_logps": pad_to(batch["engine_logprobs"], MAX_NEW + PROMPT_LEN - 1)[:, span],
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+def pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+
+def trl_trainer(tokenizer, tmp_path, loss_type: str, beta: float, is_correction: bool):
+    """TRL's trainer with the paper's rank-1 LoRA on the tiny Llama; its model is the policy both sides use.
+
+    The base model and a peft_config go in (not a PeftModel): then TRL's reference is the base with the
+    adapter disabled, as in rank1 (with a PeftModel and beta > 0 it adds a copy of the adapter instead).
+    """
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rank1.config import AdapterConfig
+    from rank1.model import lora_config
+
+    args = GRPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=0.28,
+                      num_generations=2, per_device_train_batch_size=4, max_completion_length=MAX_NEW, report_to="none",
+                      use_cpu=True, bf16=False, gradient_checkpointing=False, vllm_importance_sampling_clip_max=2.0)
+    trainer = GRPOTrainer(model=tiny_llama(tokenizer), peft_config=lora_config(AdapterConfig()),
+                          reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["x"] * 4}), processing_class=tokenizer)
+    # TRL applies its vLLM importance weights only when it generated with vLLM; these two settings are
+    # what GRPOTrainer reads for that (no vLLM server is reachable here).
+    trainer.use_vllm = is_correction
+    trainer.vllm_importance_sampling_correction = is_correction
+    randomize_b(trainer.model)
+    return trainer, trainer.model.eval()
+
+
+@pytest.mark.parametrize("aggregation", list(AGGREGATIONS))
+@pytest.mark.parametrize("beta,is_correction", [(0.0, False), (0.04, False), (0.0, True), (0.04, True)])
+def test_loss_equals_trl_grpo_trainer(tokenizer, tmp_path, aggregation, beta, is_correction):
+    trainer, policy = trl_trainer(tokenizer, tmp_path, AGGREGATIONS[aggregation], beta, is_correction)
+    rows = rollout_rows(seed=1)
+    batch = collate_rollouts(rows, tokenizer.pad_token_id)
+    current = rollout_logprobs(policy, batch)
+    noise = torch.randn(current.shape, generator=torch.Generator().manual_seed(2))
+    batch["old_logprobs"] = (current + 0.3 * noise) * batch["completion_mask"]  # some ratios leave the clip range
+    with policy.disable_adapter():
+        batch["ref_logprobs"] = rollout_logprobs(policy, batch)
+    settings = GRPOLossSettings(epsilon_low=0.2, epsilon_high=0.28, aggregation=aggregation, kl_coef=beta,
+                                is_correction=is_correction, is_cap=2.0)
+    ours, stats = grpo_loss_sum(policy, batch, settings)
+    ours = ours / normalizer(aggregation, COMPLETION_LENS, MAX_NEW)
+
+    inputs = trl_inputs(rows, batch, batch["old_logprobs"], batch["ref_logprobs"], tokenizer.pad_token_id)
+    if is_correction:  # TRL's token_truncate weights, as _generate_and_score_completions computes them
+        diff = (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]) * inputs["completion_mask"]
+        inputs["importance_sampling_ratio"] = torch.clamp(torch.exp(diff), max=2.0)
+    theirs = trainer._compute_loss(policy, inputs)
+
+    assert stats["clipped_sum"] > 0  # the clip is exercised
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    # ... and so are the gradients (only the adapter has any)
+    ours_grads = torch.autograd.grad(ours, [p for p in policy.parameters() if p.requires_grad])
+    theirs_grads = torch.autograd.grad(trainer._compute_loss(policy, inputs), [p for p in policy.parameters() if p.requires_grad])
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_group_advantages_and_zero_spread_groups():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = group_advantages(rewards, 4, "group")
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()
+    torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
+    assert torch.equal(adv[4:], torch.zeros(4))  # one answer for the whole group: no signal, no NaN
+    torch.testing.assert_close(group_advantages(rewards, 4, "none")[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert torch.isfinite(group_advantages(torch.zeros(8), 4, "batch")).all()
+
+
+def test_padding_rows_contribute_nothing(policy, tokenizer):
+    rows = rollout_rows(seed=3)
+    only_padding = collate_rollouts([dict(rows[0], weight=0.0)], tokenizer.pad_token_id)
+    loss, stats = grpo_loss_sum(policy, only_padding, GRPOLossSettings())
+    assert float(loss) == 0.0 and stats["completion_tokens"] == 0.0
+    grads = torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad], allow_unused=True)
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
