@@ -110,8 +110,8 @@ class GRPOConfig:
     """The GRPO objective (trainer.objective grpo). Names follow TRL's GRPOConfig where they overlap."""
 
     num_generations: int = 4  # G: completions per prompt; advantages are relative within each group
-    prompts_per_step: int = 8  # prompts per rollout batch (prompts_per_step × G completions)
-    max_completion_length: int = 32  # new tokens per rollout (rollout.max_new_tokens is for `rank1 eval`)
+    prompts_per_step: int = 4  # prompts per rollout batch (prompts_per_step × G completions)
+    max_completion_length: int = 16  # new tokens per rollout (rollout.max_new_tokens is for `rank1 eval`)
     updates_per_batch: int = 1  # optimizer steps on each rollout batch (TRL's num_iterations, μ)
     epsilon_low: float = 0.2  # ratio clipped to [1 - epsilon_low, 1 + epsilon_high]
     epsilon_high: float = 0.2  # clip-higher (DAPO) raises this, e.g. 0.28

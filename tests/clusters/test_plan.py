@@ -106,7 +106,6 @@ def test_refusal_exits_nonzero_from_the_command_line():
 
 
 def test_grpo_plan_uses_rollout_length_and_checks_engines(capsys):
-    # The GRPO recipe is loaded without validate() (which rejects grpo until its loop lands).
     assert main([GRPO_RECIPE, "--gpu", "h200"]) == 0
     out = capsys.readouterr().out
     assert "rollout.max_model_len 9,216" in out and "vllm engine(s)" in out
@@ -150,8 +149,8 @@ def test_help(capsys):
 
 
 def test_grpo_recipe_gets_every_other_check(capsys):
-    assert main([GRPO_RECIPE, "--gpu", "h200", "--trainer.global_batch_size", "60"]) == 2
-    assert "trainer.global_batch_size: 60 is not a multiple" in capsys.readouterr().err
+    assert main([GRPO_RECIPE, "--gpu", "h200", "--trainer.micro_batch_size", "3"]) == 2
+    assert "grpo.prompts_per_step × grpo.num_generations: 64 is not a multiple" in capsys.readouterr().err
 
 
 def test_model_config_without_model_type_is_a_clear_error(tmp_path, capsys):
