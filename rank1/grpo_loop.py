@@ -9,7 +9,6 @@ engine's logprobs and the learner's correct for that, as they do for vLLM's nume
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor

@@ -51,7 +51,7 @@ def gold_to_math(gold: str, gold_format: str = "auto") -> str:
     """
     if gold_format not in GOLD_FORMATS:
         raise ValueError(f"gold format {gold_format!r} is not one of {', '.join(GOLD_FORMATS)}")
-    if gold_format == "gsm8k" or (gold_format == "auto" and "####" in gold):
+    if is_numeric_gold(gold, gold_format):
         number = gold.rsplit("####", 1)[-1].strip()
         return f"${THOUSANDS_COMMA.sub('', number)}$"
     gold = gold.strip()
@@ -91,14 +91,25 @@ class GoldError(ValueError):
     """The gold answer itself cannot be parsed: a data problem, reported as status 'error'."""
 
 
+def is_numeric_gold(gold: str, gold_format: str) -> bool:
+    return gold_format == "gsm8k" or (gold_format == "auto" and "####" in gold)
+
+
 def math_reward(completion: str, gold: str, gold_format: str = "auto") -> Grade:
-    """1.0 when the completion's final answer is mathematically equivalent to the gold, else 0.0."""
+    """1.0 when the completion's final answer is mathematically equivalent to the gold, else 0.0.
+
+    A numeric (GSM8K) gold needs a number: math-verify keeps plain-text arithmetic unevaluated and
+    judges `12 + 7 * 3` equal to 33, so restating the question's expression would score as solving
+    it (a GRPO policy found exactly that on the embedded arithmetic task).
+    """
     gold_parsed = _parse_gold(gold, gold_format)
     if not gold_parsed:
         raise GoldError(f"gold answer {gold[:80]!r} could not be parsed as math")
     answer = parse(answer_region(completion), ANSWER_EXTRACTION, parsing_timeout=None)
     if not answer:
         return Grade(0.0, "")
+    if is_numeric_gold(gold, gold_format) and not getattr(answer[0], "is_Number", False):
+        return Grade(0.0, _extracted_text(answer))
     correct = verify(gold_parsed, answer, timeout_seconds=None)
     return Grade(1.0 if correct else 0.0, _extracted_text(answer))
 

@@ -56,7 +56,7 @@ class SparseStep:
 @torch.no_grad()
 def sparse_step(sae, x: torch.Tensor, pre: torch.Tensor, flat: torch.Tensor, dead: torch.Tensor, aux_k: int, aux_coefficient: float) -> SparseStep:
     """Loss terms for normalized inputs `x` and chosen pairs `flat`; sets every parameter's .grad."""
-    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+    W_enc, W_dec, b_dec = sae.W_enc, sae.W_dec, sae.b_dec
     B, d_sae = x.shape[0], W_dec.shape[0]
     rows, cols = flat // d_sae, flat % d_sae
     centered = x - b_dec

@@ -28,6 +28,17 @@ def test_gsm8k_gold_is_the_number_after_hashes_with_thousands_separators_removed
         gold_to_math("1", "yaml")
 
 
+def test_a_numeric_gold_needs_a_number_not_the_questions_expression():
+    # A GRPO policy on the arithmetic task learned to restate "12 + 7 * 3", which math-verify keeps
+    # unevaluated and judges equal to 33. For a GSM8K gold the answer must be a number.
+    assert math_reward("To calculate 12 + 7 * 3 with a calculator, we", "#### 33").reward == 0.0
+    assert math_reward(r"\boxed{12+21}", "#### 33").reward == 0.0
+    for answer in ("so 12 + 21 = 33", r"\boxed{33}", "$33$", "answer: 33.0", r"$\frac{66}{2}$"):
+        assert math_reward(answer, "#### 33").reward == 1.0, answer
+    assert math_reward(r"\boxed{-33}", "#### -33").reward == 1.0
+    assert math_reward("1/2", r"\frac12").reward == 1.0  # LaTeX golds keep math-verify's equivalence
+
+
 def test_answer_is_taken_from_last_box_then_hashes_then_last_math():
     assert answer_region("x = 3\n#### 5\n") == "5"
     text = r"first \boxed{2} then \boxed{4}"
