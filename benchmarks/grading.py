@@ -67,7 +67,7 @@ def main() -> None:
     pairs = math500_pairs(args.pairs)
     ray.init(num_cpus=max(2, args.workers), object_store_memory=200 * 1024**2, include_dashboard=False)
     try:
-        pools = {w: RewardPool(RewardsConfig(num_workers=w, timeout_s=args.timeout)) for w in sorted({1, args.workers})}
+        pools = {w: RewardPool(RewardsConfig(functions=["math"], num_workers=w, timeout_s=args.timeout)) for w in sorted({1, args.workers})}
         best = measure(pools, pairs, args.rounds)
         for pool in pools.values():
             pool.close()

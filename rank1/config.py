@@ -122,12 +122,14 @@ class GRPOConfig:
     is_cap: float = 3.0  # the weights are clipped from above at this value (TRL's clip_max)
     filter_equal_groups: bool = False  # drop groups whose completions all got the same reward
     # Appended to each question, as `rank1 eval` does; None = the question alone.
-    instruction: str | None = "Answer with just the number."
+    instruction: str | None = "Give only the final answer, in the form \\boxed{ANSWER}."
 
 
 @dataclass
 class RewardsConfig:
-    functions: list[str] = field(default_factory=lambda: ["math"])  # names or module:function paths
+    # Names or module:function paths; the rewards add up. The default is DeepSeek-R1's pair: accuracy
+    # (math-verify) plus format (exactly one final answer). `rank1 eval` and `rank1 grade` use math alone.
+    functions: list[str] = field(default_factory=lambda: ["math", "format"])
     num_workers: int = 1
     timeout_s: float = 5.0
     gold_format: str = "auto"  # auto | gsm8k ('#### n') | latex (MATH-style answer, wrapped as $...$)

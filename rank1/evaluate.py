@@ -120,6 +120,7 @@ def evaluate(argv: list[str]) -> dict:
     init_ray(cfg.cluster)
     engines = EngineGroup.from_config(cfg.rollout, model_path, seed=cfg.seed)
     cfg.rewards.gold_format = gold_format
+    cfg.rewards.functions = ["math"]  # pass@k counts correct answers only, whatever training rewarded
     rewards = RewardPool(cfg.rewards)
     try:
         if adapter_config:

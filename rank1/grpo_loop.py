@@ -161,7 +161,7 @@ def run_grpo_steps(cfg: Config, out: Path, learners, rollouts: Rollouts, pad_id:
             stats = update(cfg, learners, rows, micro_batches, pad_id)
         learn_s = time.perf_counter() - learn_began
         sync_s = rollouts.sync(learners, version=step + 1)  # in async mode, waits for the batch in flight
-        record = step_record(step, batch, stats, rows, filtered, skipped,
+        record = step_record(step, batch, stats, filtered, skipped,
                              times={"generate": batch.generate_s, "reward": batch.reward_s, "wait": waited, "learn": learn_s, "sync": sync_s},
                              seconds=time.perf_counter() - began)
         if (step + 1) % cfg.logging.log_every == 0 or step + 1 == total_steps:
@@ -197,7 +197,7 @@ def update(cfg: Config, learners, rows: list[dict], micro_batches: int, pad_id: 
     return stats
 
 
-def step_record(step: int, batch: RolloutBatch, stats: dict, rows: list[dict], filtered: int, skipped: bool,
+def step_record(step: int, batch: RolloutBatch, stats: dict, filtered: int, skipped: bool,
                 times: dict, seconds: float) -> dict:
     lengths = [len(c.token_ids) for c in batch.completions]
     tokens = max(1.0, stats.get("completion_tokens", 0.0))

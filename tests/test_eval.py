@@ -56,7 +56,7 @@ def test_eval_end_to_end_grades_what_it_generated(tmp_path, monkeypatch):
     from rank1.config import RewardsConfig
     from rank1.rewards.guard import GuardedGrader
 
-    with GuardedGrader(RewardsConfig(gold_format="gsm8k")) as grader:
+    with GuardedGrader(RewardsConfig(functions=["math"], gold_format="gsm8k")) as grader:
         for r in records:
             assert len(r["greedy"]) == 1 and len(r["sampled"]) == 2
             for s in r["greedy"] + r["sampled"]:

@@ -50,7 +50,7 @@ class GuardedGrader:
     """Grades (gold, completion) pairs one at a time in a guarded child process (not thread-safe:
     use one grader per thread or actor).
 
-        with GuardedGrader(RewardsConfig(timeout_s=5)) as grader:
+        with GuardedGrader(RewardsConfig(functions=["math"], timeout_s=5)) as grader:
             grader.grade(r"\\frac{1}{2}", r"so \\boxed{0.5}")  # RewardResult(reward=1.0, ...)
     """
 

@@ -1,6 +1,6 @@
 """Score (gold, completion) pairs on `num_workers` Ray actors, each with its own guarded grading child.
 
-    pool = RewardPool(RewardsConfig(num_workers=2, timeout_s=5))
+    pool = RewardPool(RewardsConfig(functions=["math"], num_workers=2, timeout_s=5))
     results = pool.score([(r"\\frac12", r"... \\boxed{0.5}"), ("18", "... #### 17")])  # RewardResult, in order
     pool.close()
 

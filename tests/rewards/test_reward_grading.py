@@ -138,7 +138,7 @@ def test_grading_and_its_timeout_work_off_the_main_thread():
     signal_based = in_thread(lambda: parse(r"$\frac{1}{2}$", parsing_timeout=5))
     assert isinstance(signal_based, ValueError) and "signal" in str(signal_based)
 
-    with GuardedGrader(RewardsConfig(timeout_s=1.5)) as g:
+    with GuardedGrader(RewardsConfig(functions=["math"], timeout_s=1.5)) as g:
         assert in_thread(lambda: g.grade(r"\frac12", r"\boxed{0.5}")).reward == 1.0
         late = in_thread(lambda: g.grade("1", r"\boxed{9^{9^{9^{9^{9}}}}}"))
         assert (late.reward, late.status) == (0.0, "timeout")

@@ -30,7 +30,7 @@ def _mixed_pairs(data_dir, n=60):
 
 @pytest.fixture(scope="module")
 def pool(ray_session):
-    with RewardPool(RewardsConfig(num_workers=2, timeout_s=2.0)) as p:
+    with RewardPool(RewardsConfig(functions=["math"], num_workers=2, timeout_s=2.0)) as p:
         yield p
 
 
@@ -57,7 +57,7 @@ def test_pool_survives_hostile_answers_in_the_batch(pool):
 
 
 def test_pool_uses_a_caller_started_ray_and_leaves_it_running(ray_session):
-    with RewardPool(RewardsConfig(num_workers=1)) as p:
+    with RewardPool(RewardsConfig(functions=["math"], num_workers=1)) as p:
         assert p.score([("1", r"\boxed{1}")])[0].reward == 1.0
     assert ray.is_initialized()
 
