@@ -10,6 +10,7 @@ engine's logprobs and the learner's correct for that, as they do for vLLM's nume
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -169,7 +170,8 @@ def run_grpo_steps(cfg: Config, out: Path, learners, rollouts: Rollouts, pad_id:
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}", len=f"{record['response_length']:.0f}")
         bar.update(1)
         if skipped:
-            tqdm.write(f"[rank1] step {step + 1}: every advantage is 0 (all rewards equal in every group); update skipped")
+            tqdm.write(f"[rank1] step {step + 1}: every advantage is 0 (all rewards equal in every group); update skipped",
+                       file=sys.stderr)
         if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
             save_checkpoint(out, step + 1, learners, t.keep_checkpoints)
     bar.close()

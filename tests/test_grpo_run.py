@@ -76,8 +76,8 @@ def test_seeded_async_grpo_run_raises_a_learnable_reward(tmp_path):
     out = tmp_path / "run"
     result = run_train(*TINY, "--objective", "grpo", "--rollout.backend", "vllm", "--rollout.async", "true",
                        "--rewards.functions", "user_rewards:opens_with_to", "--grpo.prompts_per_step", "4",
-                       "--grpo.num_generations", "4", "--trainer.micro_batch_size", "8", "--lr", "2e-2",
-                       "--trainer.warmup_ratio", "0", "--trainer.lr_schedule", "constant", "--max-steps", "8",
+                       "--grpo.num_generations", "4", "--trainer.micro_batch_size", "8", "--lr", "5e-3",
+                       "--trainer.warmup_ratio", "0", "--trainer.lr_schedule", "constant", "--max-steps", "10",
                        "--seed", "3", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(out)
@@ -146,18 +146,25 @@ def test_grpo_step_on_two_zero3_learners_equals_one_learner_and_kl_reference_is_
                                            learners.call("rollout_logprobs", per_rank=[(s, False) for s in shards])):
                     for mb, o, r in zip(shard, old, ref):
                         mb["old_logprobs"], mb["ref_logprobs"] = o, r
-                for _ in range(2):
-                    learners.call("train_step", per_rank=[(s, norm) for s in shards])
+                steps = [learners.call("train_step", per_rank=[(s, norm) for s in shards]) for _ in range(2)]
                 after = learners.call("rollout_logprobs", per_rank=[(s, False) for s in shards])
-                results[name] = {"adapter": learners.call("adapter_tensors")[0], "shards": shards, "ref_after": after}
+                results[name] = {"adapter": learners.call("adapter_tensors")[0], "shards": shards, "ref_after": after,
+                                 "loss": sum(r["loss_sum"] for r in steps[0]) / norm, "grad_norm": steps[0][0]["grad_norm"]}
             finally:
                 learners.shutdown()
     finally:
         ray.shutdown()
+    # The loss and the gradient norm (Adam's step hides a gradient's scale; these do not), then the adapter.
+    assert results["one"]["loss"] == pytest.approx(results["two-zero3"]["loss"], rel=1e-5, abs=1e-7)
+    assert results["one"]["grad_norm"] == pytest.approx(results["two-zero3"]["grad_norm"], rel=1e-4)
     one, two = results["one"]["adapter"], results["two-zero3"]["adapter"]
     assert any(t.abs().max() > 1e-4 for k, t in one.items() if "lora_B" in k)  # the step moved the adapter
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-3)
+    # Adam's first steps are nearly sign(gradient): an element whose gradient is ~0 may move either way
+    # on float noise, so compare the adapters as a whole: they differ by far less than the step moved them.
+    assert one.keys() == two.keys()
+    diff = torch.sqrt(sum(((one[k] - two[k]) ** 2).sum() for k in one))
+    moved = torch.sqrt(sum((one[k] ** 2).sum() for k in one if "lora_B" in k))  # B starts at 0
+    assert diff < 1e-2 * moved, (float(diff), float(moved))
 
     # The KL reference (adapter disabled inside the learner) is the plain base model, after training too.
     base = load_base(model_path, load_config([]).model, torch.float32).eval()

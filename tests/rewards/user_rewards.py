@@ -60,5 +60,5 @@ def segfaults(completion: str, gold: str) -> float:
 
 
 def opens_with_to(completion: str, gold: str) -> float:
-    """Learnable from the first token alone: the GRPO run test's reward (SmolLM2 opens with 'To' ~1 in 4)."""
+    """Learnable from the first token alone: the GRPO run test's reward (SmolLM2 opens with "To" about 1 time in 5)."""
     return 1.0 if completion.lstrip().startswith("To") else 0.0
