@@ -114,6 +114,7 @@ def test_prompts_over_the_engine_context_are_named_or_dropped(tmp_path, tokenize
 def test_grpo_step_on_two_zero3_learners_equals_one_learner_and_kl_reference_is_the_base(model_path, tokenizer):
     import ray
 
+    from rank1.actors import init_ray
     from rank1.config import load_config
     from rank1.driver import make_learners
     from rank1.grpo_loop import split_rollouts
@@ -135,10 +136,13 @@ def test_grpo_step_on_two_zero3_learners_equals_one_learner_and_kl_reference_is_
     ray.shutdown()
     results = {}
     try:
-        # One learner in this process (stage 0), then two Ray actors sharding the base (ZeRO-3).
+        # One learner (stage 0), then two sharding the base (ZeRO-3); all Ray actors, so that no
+        # DeepSpeed process group outlives the test in this process.
         for name, extra in {"one": ["--trainer.num_learners", "1", "--trainer.zero_stage", "0"],
                             "two-zero3": ["--trainer.num_learners", "2", "--trainer.zero_stage", "3"]}.items():
             cfg = load_config(common + extra)
+            init_ray(cfg.cluster)
+            cfg.cluster.address = ray.get_runtime_context().gcs_address  # attached: learners are actors
             learners = make_learners(cfg, model_path, total_steps=2)
             try:
                 shards = split_rollouts(rows, learners.size, 4 // learners.size, tokenizer.pad_token_id)

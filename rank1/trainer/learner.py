@@ -46,9 +46,8 @@ def choose_zero_stage(t: TrainerConfig, model_path: str, device: str, dtype: tor
     return 0 if base_bytes < 0.5 * torch.cuda.get_device_properties(0).total_memory else 3
 
 
-def deepspeed_config(t: TrainerConfig, world_size: int, stage: int, bf16: bool, rows: int | None = None) -> dict:
-    """`rows`: sequences per optimizer step (SFT rows or GRPO completions); default the SFT batch."""
-    rows = rows or t.global_batch_size
+def deepspeed_config(t: TrainerConfig, world_size: int, stage: int, bf16: bool, rows: int) -> dict:
+    """`rows`: sequences per optimizer step over all learners (SFT rows or GRPO completions)."""
     grad_accum = rows // (t.micro_batch_size * world_size)
     zero = {"stage": stage}
     if stage == 3:
