@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def qwen32b_bytes() -> dict:
-    from rank1.config import AdapterConfig
+    from rank1.core.config import AdapterConfig
 
     name = "Qwen/Qwen2.5-32B-Instruct"
     try:
-        from rank1.model import count_adapters_from_config, parameter_count_from_config
+        from rank1.core.model import count_adapters_from_config, parameter_count_from_config
 
         adapter = count_adapters_from_config(name, AdapterConfig()).parameters
         full = parameter_count_from_config(name)
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    from rank1.config import AdapterConfig, ModelConfig
-    from rank1.model import attach_adapter, load_base, resolve_model_path
+    from rank1.core.config import AdapterConfig, ModelConfig
+    from rank1.core.model import attach_adapter, load_base, resolve_model_path
     from rank1.rollout.vllm_engine import VLLMEngine
 
     path = resolve_model_path(ModelConfig())

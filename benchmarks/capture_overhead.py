@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from rank1.config import DataConfig, ModelConfig
+from rank1.core.config import DataConfig, ModelConfig
 from rank1.sae.capture import ActivationCapture
 from rank1.sae.documents import load_documents, padded_batch
-from rank1.sae.loading import load_adapted_model
+from rank1.core.adapter_io import load_adapted_model
 from rank1.sae.random_adapter import build_random_adapter
 
 REPO = Path(__file__).resolve().parents[1]

@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from peft import get_peft_model_state_dict
 
-    from rank1.config import AdapterConfig, ModelConfig
-    from rank1.model import attach_adapter, load_base, load_tokenizer, resolve_model_path
+    from rank1.core.config import AdapterConfig, ModelConfig
+    from rank1.core.model import attach_adapter, load_base, load_tokenizer, resolve_model_path
     from rank1.rollout.engine import SamplingSpec
 
     path = resolve_model_path(ModelConfig())

@@ -21,7 +21,7 @@ import ray
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rank1.config import RewardsConfig  # noqa: E402
+from rank1.core.config import RewardsConfig  # noqa: E402
 from rank1.rewards.pool import RewardPool  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "math500" / "test.jsonl"

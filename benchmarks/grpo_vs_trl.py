@@ -22,8 +22,8 @@ from sides import report, run_sides
 
 
 def run_rank1(args) -> dict:
-    from rank1.config import load_config
-    from rank1.driver import train
+    from rank1.core.flags import load_config
+    from rank1.driver.run import train
 
     out = Path(tempfile.mkdtemp()) / "run"
     n = args.prompts * args.generations
@@ -47,9 +47,9 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rank1.config import AdapterConfig, GRPOConfig as Rank1GRPO, ModelConfig
-    from rank1.data import arithmetic_rows
-    from rank1.model import load_tokenizer, lora_config, resolve_model_path
+    from rank1.core.config import AdapterConfig, GRPOConfig as Rank1GRPO, ModelConfig
+    from rank1.core.data import arithmetic_rows
+    from rank1.core.model import load_tokenizer, lora_config, resolve_model_path
     from rank1.rewards.grading import math_reward
 
     path = resolve_model_path(ModelConfig(name_or_path=args.model))

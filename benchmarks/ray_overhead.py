@@ -19,11 +19,11 @@ from sides import report, run_sides
 
 
 def run_side(side: str, args) -> float:
-    from rank1.actors import LocalGroup, RayGroup, free_port, init_ray
-    from rank1.config import load_config
-    from rank1.data import load_sft_data
+    from rank1.core.workers import LocalGroup, RayGroup, free_port, init_ray
+    from rank1.core.flags import load_config
+    from rank1.core.data import load_sft_data
     from rank1.driver import run_steps
-    from rank1.model import load_tokenizer, resolve_model_path
+    from rank1.core.model import load_tokenizer, resolve_model_path
     from rank1.trainer.learner import Learner, Placement
 
     out = Path(tempfile.mkdtemp())

@@ -25,7 +25,8 @@ import torch
 from rank1.sae.cli import main as sae_main
 from rank1.sae.sae import SparseAutoencoder, SparseAutoencoderConfig
 from rank1.sae.store import ActivationStore
-from rank1.sae.trainer import SAETrainerConfig, train_sae
+from rank1.core.config import SAETrainConfig
+from rank1.sae.trainer import train_sae
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +63,8 @@ def run_rank1(train: torch.Tensor, held_out: torch.Tensor, args) -> dict:
     d_in = train.shape[1]
     sae = SparseAutoencoder(SparseAutoencoderConfig(d_in, d_in * args.expansion, k=args.k), seed=0)
     steps_per_epoch = len(train) // args.batch
-    cfg = SAETrainerConfig(lr=args.lr, batch_size=args.batch, warmup_steps=100, dead_after_tokens=args.dead_after_tokens,
-                           log_every=steps_per_epoch, progress=False)
+    cfg = SAETrainConfig(lr=args.lr, batch_size=args.batch, warmup_steps=100, dead_after_tokens=args.dead_after_tokens,
+                         log_every=steps_per_epoch)
 
     def batch_rule(x):  # the training rule (batch top-k), as used for SAELens' training SAE below
         xn = x / sae.scale
@@ -80,7 +81,7 @@ def run_rank1(train: torch.Tensor, held_out: torch.Tensor, args) -> dict:
         eval_seconds[0] += time.perf_counter() - t0
         return {}
 
-    train_sae(sae, batches(train, args.batch, 2 * args.epochs), cfg, evaluate=evaluate)
+    train_sae(sae, batches(train, args.batch, 2 * args.epochs), cfg, evaluate=evaluate, progress=False)
     same_passes = curve[args.epochs - 1]
     return {"curve": curve, "seconds": same_passes["seconds"], "tokens_per_s": same_passes["tokens"] / same_passes["seconds"],
             "fvu": same_passes["fvu"], "fvu_threshold_rule": same_passes["fvu_threshold_rule"]}

@@ -20,8 +20,8 @@ from sides import report, run_sides
 
 
 def run_rank1(args) -> dict:
-    from rank1.config import load_config
-    from rank1.driver import train
+    from rank1.core.flags import load_config
+    from rank1.driver.run import train
 
     out = Path(tempfile.mkdtemp()) / "run"
     cfg = load_config(["--model", args.model, "--data.arithmetic_rows", str(args.rows), "--data.max_length", str(args.max_length),
@@ -40,9 +40,9 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from rank1.config import AdapterConfig, ModelConfig
-    from rank1.data import arithmetic_rows
-    from rank1.model import load_tokenizer, lora_config, resolve_model_path
+    from rank1.core.config import AdapterConfig, ModelConfig
+    from rank1.core.data import arithmetic_rows
+    from rank1.core.model import load_tokenizer, lora_config, resolve_model_path
 
     path = resolve_model_path(ModelConfig(name_or_path=args.model))
     tokenizer = load_tokenizer(path, ModelConfig(name_or_path=args.model))

@@ -1,29 +1,31 @@
-"""`rank1` command line.
+"""`rank1` command line: every command reads the same config tree (--config FILE, then dotted flags).
 
-    rank1 train [--config FILE] [--objective sft] [--section.field VALUE ...] [--resume]
+    rank1 train [--config FILE] [--objective sft|grpo] [--section.field VALUE ...] [--resume] [--dry-run]
     rank1 config show [flags]            print the resolved config as YAML
     rank1 adapters --model ID_OR_PATH    adapter count and trainable parameters, from the config alone
-    rank1 generate --adapter DIR [--model M] [--max-new-tokens N] [--temperature T] PROMPT
+    rank1 generate PROMPT --adapter DIR [--max-new-tokens N] [--temperature T]
     rank1 grade IN.jsonl --out OUT.jsonl grade completions against golds (math-verify)
-    rank1 eval --data math500|gsm8k|aime24|amc23|PATH [--adapter DIR] [--k N]   pass@1 and pass@k
+    rank1 eval --data arithmetic|math500|gsm8k|aime24|amc23|PATH [--adapter DIR] [--k N]   pass@1 and pass@k
     rank1 export RUN_OR_CHECKPOINT --out DIR [--merge] [--push-to-hub OWNER/NAME]   PEFT folder + model card, Hub push
     rank1 plan RECIPE [--gpu h200]       per-device memory plan from the model config; refuses what does not fit
     rank1 sae SUBCOMMAND ...             capture adapter activations, train and read SAEs
 
-Config flags are the same for every subcommand that takes them; see README.md for the reference.
+`rank1 COMMAND --help` lists a command's own flags; `rank1 config show` lists every field.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
-from rank1.config import ConfigError, load_config, to_yaml
+from rank1.core.commands import ADAPTERS, CONFIG_SHOW, TRAIN
+from rank1.core.config import ConfigError
+from rank1.core.flags import parse_command, to_yaml, usage
 
 USAGE = __doc__
-# Subcommands whose module parses its own arguments; imported only when used.
-ROLE_COMMANDS = {"grade": "rank1.rewards.cli", "sae": "rank1.sae.cli", "eval": "rank1.evaluate", "export": "rank1.export", "plan": "rank1.plan"}
+# Commands whose module reads its own arguments (with rank1.core.flags); imported only when used.
+ROLE_COMMANDS = {"grade": "rank1.rewards.cli", "sae": "rank1.sae.cli", "eval": "rank1.driver.evaluate",
+                 "export": "rank1.export", "plan": "rank1.driver.plan", "generate": "rank1.driver.generate"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": cmd_train, "config": cmd_config, "adapters": cmd_adapters, "generate": cmd_generate}
+    handlers = {"train": cmd_train, "config": cmd_config, "adapters": cmd_adapters}
     if command not in handlers and command not in ROLE_COMMANDS:
         print(f"rank1: unknown command '{command}'\n{USAGE}", file=sys.stderr)
         return 2
@@ -48,43 +50,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    cfg = load_config(argv)
-    from rank1.driver import train
+    if "--help" in argv or "-h" in argv:
+        print(usage(TRAIN))
+        return 0
+    cfg = parse_command(TRAIN, argv)
+    from rank1.driver.loop import PREEMPTED_EXIT_CODE, Preempted
+    from rank1.driver.run import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except Preempted as e:
+        print(f"rank1 train: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 
 def cmd_config(argv: list[str]) -> int:
     if not argv or argv[0] != "show":
         raise ConfigError("usage: rank1 config show [--config FILE] [--section.field VALUE ...]")
-    print(to_yaml(load_config(argv[1:])), end="")
+    print(to_yaml(parse_command(CONFIG_SHOW, argv[1:])), end="")
     return 0
 
 
 def cmd_adapters(argv: list[str]) -> int:
-    cfg = load_config(argv)
-    from rank1.model import count_adapters_from_config
+    cfg = parse_command(ADAPTERS, argv)
+    from rank1.core.model import count_adapters_from_config
 
     count = count_adapters_from_config(cfg.model.name_or_path, cfg.adapter, cfg.model.trust_remote_code)
     print(f"{cfg.model.name_or_path}: {count.describe()}")
-    return 0
-
-
-def cmd_generate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rank1 generate", description="Sample from a base model plus a rank-1 adapter.")
-    parser.add_argument("prompt")
-    parser.add_argument("--adapter", required=True, help="PEFT adapter folder (a run's adapter/ or a checkpoint's)")
-    parser.add_argument("--model", help="base model; default: the adapter's base_model_name_or_path")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
-    from rank1.generate import generate
-
-    print(generate(args.adapter, args.prompt, model=args.model, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, seed=args.seed, trust_remote_code=args.trust_remote_code))
     return 0
 
 

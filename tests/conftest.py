@@ -13,15 +13,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    from rank1.config import ModelConfig
-    from rank1.model import resolve_model_path
+    from rank1.core.config import ModelConfig
+    from rank1.core.model import resolve_model_path
 
     return resolve_model_path(ModelConfig())
 
 
 @pytest.fixture(scope="session")
 def tokenizer(model_path):
-    from rank1.config import ModelConfig
-    from rank1.model import load_tokenizer
+    from rank1.core.config import ModelConfig
+    from rank1.core.model import load_tokenizer
 
     return load_tokenizer(model_path, ModelConfig())

@@ -20,7 +20,7 @@ def write(path, text):
         (lambda d: ["--trainer.learning_rate", "1"], "unknown config key 'trainer.learning_rate'"),
         (lambda d: ["--max-steps", "ten"], "flag --max-steps: trainer.max_steps: expected an integer, got 'ten'"),
         (lambda d: ["--config", write(d / "c.yaml", "trainer:\n  lr: fast\n")], "c.yaml: trainer.lr: expected a number"),
-        (lambda d: ["--data", write(d / "m.jsonl", '{"question": "q", "answer": "a"}\n{oops\n')], "m.jsonl:2: malformed JSON line"),
+        (lambda d: ["--data", write(d / "m.jsonl", '{"question": "q", "answer": "a"}\n{oops\n')], "m.jsonl:2: not valid JSON"),
         (lambda d: ["--data", write(d / "f.jsonl", '{"question": "q", "answer": "a"}\n{"question": "q"}\n')], "f.jsonl:2"),
         (lambda d: ["--data", write(d / "e.jsonl", "")], "e.jsonl: the data set is empty"),
         (lambda d: ["--model", str(d / "no-such-model")], "--model " + "{d}/no-such-model: no such file or folder"),

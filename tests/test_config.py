@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from rank1.config import PAPER_TARGET_MODULES, Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+from rank1.core.config import PAPER_TARGET_MODULES, Config, ConfigError
+from rank1.core.flags import from_dict, load_config, to_dict, to_yaml
 
 
 def test_defaults_are_the_papers_adapter():
@@ -71,8 +72,11 @@ def test_yaml_round_trip():
     ],
 )
 def test_invalid_values_name_the_field(argv, message):
+    # What `rank1 train` checks before any work: the tree (types, ranges), then the objective's own rules.
+    from rank1.driver.run import make_objective
+
     with pytest.raises(ConfigError) as e:
-        load_config(argv)
+        make_objective(load_config(argv))
     assert message in str(e.value)
 
 
@@ -104,4 +108,44 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 
 def test_every_section_is_in_the_tree():
-    assert set(to_dict(Config())) == {"model", "adapter", "data", "trainer", "rollout", "grpo", "rewards", "cluster", "logging", "export", "sae", "seed"}
+    assert set(to_dict(Config())) == {"model", "adapter", "data", "trainer", "rollout", "grpo", "rewards", "eval", "cluster", "logging",
+                                      "export", "generate", "grade", "plan", "sae", "seed"}
+    assert set(to_dict(Config())["sae"]) == {"collect", "train", "analyze", "explain", "report", "random_adapter"}
+
+
+def test_old_spellings_are_aliases():
+    cfg = load_config(["--rollout.max_new_tokens", "24", "--rollout.temperature", "0.7", "--sae.k", "8"])
+    assert (cfg.eval.max_new_tokens, cfg.grpo.temperature, cfg.sae.train.k) == (24, 0.7, 8)
+    # a run folder saved before the eval section existed reads back
+    old = from_dict({"rollout": {"max_new_tokens": 99, "temperature": 0.5, "backend": "transformers"}, "sae": {"k": 4, "expansion": 2}})
+    assert (old.eval.max_new_tokens, old.grpo.temperature, old.rollout.backend, old.sae.train.k, old.sae.train.expansion) == (
+        99, 0.5, "transformers", 4, 2)
+
+
+def test_every_command_takes_config_and_dotted_flags(tmp_path):
+    from rank1.core.commands import EVAL, EXPORT, GENERATE, GRADE, PLAN, SAE_COMMANDS
+    from rank1.core.flags import parse_command
+
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 7\nmodel:\n  revision: abc\n")
+    for command in (EVAL, EXPORT, GENERATE, GRADE, PLAN, *SAE_COMMANDS.values()):
+        positional = [str(f)] if command.config_positional else ["x"] * len(command.positionals)
+        cfg = parse_command(command, [*positional, "--config", str(f), "--rewards.timeout_s", "3"], check=False)
+        assert (cfg.seed, cfg.model.revision, cfg.rewards.timeout_s) == (7, "abc", 3.0), command.name
+    # a command's own section by short names; booleans as --flag / --no-flag
+    cfg = parse_command(SAE_COMMANDS["train"], ["--activations", "a", "--out", "o", "--k", "4", "--no-normalize", "--effect"])
+    assert (cfg.sae.train.k, cfg.sae.train.normalize, cfg.sae.train.effect) == (4, False, True)
+    with pytest.raises(ConfigError, match=r"rank1 sae train: --out \(sae.train.out\) is required"):
+        parse_command(SAE_COMMANDS["train"], ["--activations", "a"])
+    with pytest.raises(ConfigError, match=r"eval.n: 2 samples cannot give pass@4"):
+        parse_command(EVAL, ["--k", "4", "--n", "2"])
+
+
+def test_plan_gpu_choices_are_the_plans_table():
+    import typing
+
+    from rank1.core.config import PlanConfig
+    from rank1.core.flags import field_types
+    from rank1.driver.plan import GPUS
+
+    assert typing.get_args(field_types(PlanConfig)["gpu"]) == tuple(GPUS)

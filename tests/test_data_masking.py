@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from rank1.config import DataConfig
-from rank1.data import (
+from rank1.core.config import DataConfig
+from rank1.core.data import (
     IGNORE_INDEX,
     DataError,
     arithmetic_rows,
@@ -119,9 +119,9 @@ def test_batches_walk_epochs_deterministically():
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"question": "q", "answer": "a"}\n{"question": "q2", "answer"\n', r"bad.jsonl:2: malformed JSON line"),
+        ('{"question": "q", "answer": "a"}\n{"question": "q2", "answer"\n', r"bad.jsonl:2: not valid JSON"),
         ('{"question": "q"}\n', r"bad.jsonl:1: cannot tell the data format from fields \['question'\]"),
-        ('[1, 2]\n', r"bad.jsonl: line 1: expected a JSON object"),
+        ('[1, 2]\n', r"bad.jsonl:1: expected a JSON object"),
         ('{"question": "q", "answer": 5}\n', r"bad.jsonl:1: field 'answer' must be a string"),
         ('{"question": "q", "answer": ""}\n', r"bad.jsonl:1: missing field\(s\) \['answer'\]"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"bad.jsonl:1: no assistant message"),

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rank1_testing import SHARED_DATA, run_rank1
-from rank1.evaluate import load_problems, pass_at_k
+from rank1.driver.evaluate import load_problems, pass_at_k
 
 
 def test_pass_at_k_matches_brute_force():
@@ -53,7 +53,7 @@ def test_eval_end_to_end_grades_what_it_generated(tmp_path, monkeypatch):
     assert len(records) == 2 and summary["problems"] == 2
     assert summary["pass@1"] == sum(r["pass@1"] for r in records) / 2
     assert "pass@2" in result.stdout and "pass@1" in result.stdout
-    from rank1.config import RewardsConfig
+    from rank1.core.config import RewardsConfig
     from rank1.rewards.guard import GuardedGrader
 
     with GuardedGrader(RewardsConfig(functions=["math"], gold_format="gsm8k")) as grader:

@@ -6,14 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rank1.trainer.grpo import (
-    GRPOLossSettings,
-    collate_rollouts,
-    group_advantages,
-    grpo_loss_sum,
-    normalizer,
-    rollout_logprobs,
-)
+from rank1.driver.grpo import group_advantages
+from rank1.trainer.grpo import GRPOObjective, collate_rollouts, grpo_loss_sum, rollout_logprobs
 
 # rank1 aggregation -> TRL loss_type
 AGGREGATIONS = {"token": "dapo", "sequence": "grpo", "constant": "dr_grpo"}
@@ -44,8 +38,8 @@ def policy(tokenizer):
     """A tiny random Llama with SmolLM2's vocabulary and a rank-1 adapter whose B is not zero."""
     from peft import get_peft_model
 
-    from rank1.config import AdapterConfig
-    from rank1.model import lora_config
+    from rank1.core.config import AdapterConfig
+    from rank1.core.model import lora_config
 
     model = get_peft_model(tiny_llama(tokenizer), lora_config(AdapterConfig()))
     randomize_b(model)
@@ -92,7 +86,7 @@ def pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, width - t.shape[1]))
 
 
-def trl_trainer(tokenizer, tmp_path, loss_type: str, beta: float, is_correction: bool):
+def trl_trainer(tokenizer, tmp_path, loss_type: str, beta: float, is_correction: bool, temperature: float = 1.0):
     """TRL's trainer with the paper's rank-1 LoRA on the tiny Llama; its model is the policy both sides use.
 
     The base model and a peft_config go in (not a PeftModel): then TRL's reference is the base with the
@@ -101,12 +95,13 @@ def trl_trainer(tokenizer, tmp_path, loss_type: str, beta: float, is_correction:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from rank1.config import AdapterConfig
-    from rank1.model import lora_config
+    from rank1.core.config import AdapterConfig
+    from rank1.core.model import lora_config
 
     args = GRPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=0.28,
                       num_generations=2, per_device_train_batch_size=4, max_completion_length=MAX_NEW, report_to="none",
-                      use_cpu=True, bf16=False, gradient_checkpointing=False, vllm_importance_sampling_clip_max=2.0)
+                      use_cpu=True, bf16=False, gradient_checkpointing=False, vllm_importance_sampling_clip_max=2.0,
+                      temperature=temperature)
     trainer = GRPOTrainer(model=tiny_llama(tokenizer), peft_config=lora_config(AdapterConfig()),
                           reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
                           train_dataset=Dataset.from_dict({"prompt": ["x"] * 4}), processing_class=tokenizer)
@@ -119,20 +114,22 @@ def trl_trainer(tokenizer, tmp_path, loss_type: str, beta: float, is_correction:
 
 
 @pytest.mark.parametrize("aggregation", list(AGGREGATIONS))
-@pytest.mark.parametrize("beta,is_correction", [(0.0, False), (0.04, False), (0.0, True), (0.04, True)])
-def test_loss_equals_trl_grpo_trainer(tokenizer, tmp_path, aggregation, beta, is_correction):
-    trainer, policy = trl_trainer(tokenizer, tmp_path, AGGREGATIONS[aggregation], beta, is_correction)
+@pytest.mark.parametrize("beta,is_correction,temperature", [(0.0, False, 1.0), (0.04, False, 1.0), (0.0, True, 1.0), (0.04, True, 1.0),
+                                                            (0.0, False, 0.7), (0.04, True, 0.7)])
+def test_loss_equals_trl_grpo_trainer(tokenizer, tmp_path, aggregation, beta, is_correction, temperature):
+    # At T != 1 both sides compute logprobs of logits / T: the distribution the engines sampled from.
+    trainer, policy = trl_trainer(tokenizer, tmp_path, AGGREGATIONS[aggregation], beta, is_correction, temperature)
     rows = rollout_rows(seed=1)
     batch = collate_rollouts(rows, tokenizer.pad_token_id)
-    current = rollout_logprobs(policy, batch)
+    current = rollout_logprobs(policy, batch, temperature)
     noise = torch.randn(current.shape, generator=torch.Generator().manual_seed(2))
     batch["old_logprobs"] = (current + 0.3 * noise) * batch["completion_mask"]  # some ratios leave the clip range
     with policy.disable_adapter():
-        batch["ref_logprobs"] = rollout_logprobs(policy, batch)
-    settings = GRPOLossSettings(epsilon_low=0.2, epsilon_high=0.28, aggregation=aggregation, kl_coef=beta,
-                                is_correction=is_correction, is_cap=2.0)
+        batch["ref_logprobs"] = rollout_logprobs(policy, batch, temperature)
+    settings = GRPOObjective(len(rows), PROMPT_LEN + MAX_NEW, MAX_NEW, temperature=temperature, epsilon_low=0.2,
+                             epsilon_high=0.28, aggregation=aggregation, kl_coef=beta, is_correction=is_correction, is_cap=2.0)
     ours, stats = grpo_loss_sum(policy, batch, settings)
-    ours = ours / normalizer(aggregation, COMPLETION_LENS, MAX_NEW)
+    ours = ours / settings.normalizer(rows)
 
     inputs = trl_inputs(rows, batch, batch["old_logprobs"], batch["ref_logprobs"], tokenizer.pad_token_id)
     if is_correction:  # TRL's token_truncate weights, as _generate_and_score_completions computes them
@@ -162,7 +159,7 @@ def test_group_advantages_and_zero_spread_groups():
 def test_padding_rows_contribute_nothing(policy, tokenizer):
     rows = rollout_rows(seed=3)
     only_padding = collate_rollouts([dict(rows[0], weight=0.0)], tokenizer.pad_token_id)
-    loss, stats = grpo_loss_sum(policy, only_padding, GRPOLossSettings())
+    loss, stats = grpo_loss_sum(policy, only_padding, GRPOObjective(1, 64, 8))
     assert float(loss) == 0.0 and stats["completion_tokens"] == 0.0
     grads = torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad], allow_unused=True)
     assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)

@@ -97,8 +97,8 @@ def test_a_reward_function_that_raises_ends_the_run_naming_it(tmp_path):
 
 
 def test_prompts_over_the_engine_context_are_named_or_dropped(tmp_path, tokenizer):
-    from rank1.config import DataConfig
-    from rank1.data import DataError, load_prompt_data
+    from rank1.core.config import DataConfig
+    from rank1.core.data import DataError, load_prompt_data
 
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "#### 4"}) + "\n"
@@ -114,12 +114,13 @@ def test_prompts_over_the_engine_context_are_named_or_dropped(tmp_path, tokenize
 def test_grpo_step_on_two_zero3_learners_equals_one_learner_and_kl_reference_is_the_base(model_path, tokenizer):
     import ray
 
-    from rank1.actors import init_ray
-    from rank1.config import load_config
-    from rank1.driver import make_learners
-    from rank1.grpo_loop import split_rollouts
-    from rank1.model import load_base
-    from rank1.trainer.grpo import normalizer, rollout_logprobs
+    from rank1.core.workers import init_ray
+    from rank1.core.flags import load_config
+    from rank1.driver.run import make_learners
+    from rank1.core.model import load_base
+    from rank1.driver.grpo import split_rollouts
+    from rank1.driver.run import make_objective
+    from rank1.trainer.grpo import rollout_logprobs
 
     g = torch.Generator().manual_seed(0)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
@@ -132,7 +133,6 @@ def test_grpo_step_on_two_zero3_learners_equals_one_learner_and_kl_reference_is_
     common = ["--objective", "grpo", "--grpo.prompts_per_step", "2", "--grpo.num_generations", "2", "--trainer.micro_batch_size", "1",
               "--grpo.kl_coef", "0.1", "--grpo.updates_per_batch", "2", "--lr", "1e-2", "--max-steps", "1", "--output-dir", "unused",
               "--cluster.local_num_cpus", "2", "--cluster.local_object_store_mb", "256"]
-    norm = normalizer("token", [len(r["completion_ids"]) for r in rows], 2)
     ray.shutdown()
     results = {}
     try:
@@ -143,9 +143,11 @@ def test_grpo_step_on_two_zero3_learners_equals_one_learner_and_kl_reference_is_
             cfg = load_config(common + extra)
             init_ray(cfg.cluster)
             cfg.cluster.address = ray.get_runtime_context().gcs_address  # attached: learners are actors
-            learners = make_learners(cfg, model_path, total_steps=2)
+            objective = make_objective(cfg)
+            norm = objective.normalizer(rows)
+            learners = make_learners(cfg, model_path, 2, objective)
             try:
-                shards = split_rollouts(rows, learners.size, 4 // learners.size, tokenizer.pad_token_id)
+                shards = split_rollouts(rows, learners.size, 4 // learners.size, objective.collate, tokenizer.pad_token_id)
                 for shard, old, ref in zip(shards, learners.call("rollout_logprobs", per_rank=[(s, True) for s in shards]),
                                            learners.call("rollout_logprobs", per_rank=[(s, False) for s in shards])):
                     for mb, o, r in zip(shard, old, ref):

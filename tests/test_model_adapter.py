@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from rank1.config import AdapterConfig, ModelConfig
-from rank1.model import (
+from rank1.core.config import AdapterConfig, ModelConfig
+from rank1.core.model import (
     ModelError,
     attach_adapter,
     count_adapters,

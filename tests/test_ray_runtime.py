@@ -146,4 +146,5 @@ def test_unreachable_cluster_and_too_small_cluster(tmp_path):
     result = run_rank1("train", *SMALL, "--max-steps", "1", "--trainer.num_learners", "2", "--cluster.cpus_per_learner", "4",
                        "--cluster.local_num_cpus", "2", "--cluster.local_object_store_mb", "200",
                        "--output-dir", str(tmp_path / "b"), timeout=300)
-    assert result.returncode == 2 and "cannot place 2 workers" in result.stderr and "2 CPUs" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and "cannot place 2 learner bundle(s) of 4 CPU each: they need 8 CPUs" in result.stderr \
+        and "2 CPUs" in result.stderr, result.stderr[-2000:]

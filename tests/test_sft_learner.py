@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rank1.actors import free_port
-from rank1.config import load_config
-from rank1.data import collate, load_sft_data
+from rank1.core.workers import free_port
+from rank1.core.flags import load_config
+from rank1.core.data import load_sft_data
 from rank1.trainer.learner import Learner, Placement
-from rank1.trainer.sft import count_target_tokens
+from rank1.trainer.sft import SFTObjective
 
 STEPS = 12
 
@@ -23,9 +23,10 @@ def trained(model_path, tokenizer, tmp_path_factory):
     cfg = load_config(["--data.arithmetic_rows", "4", "--trainer.global_batch_size", "4", "--trainer.micro_batch_size", "2",
                        "--trainer.lr", "5e-3", "--max-steps", str(STEPS), "--trainer.zero_stage", "0", "--output-dir", "unused"])
     data = load_sft_data(cfg.data, tokenizer)
-    batches = [collate(data.examples[:2], tokenizer.pad_token_id), collate(data.examples[2:], tokenizer.pad_token_id)]
-    targets = sum(count_target_tokens(b["labels"]) for b in batches)
-    learner = Learner(cfg, model_path, Placement(0, 1, "127.0.0.1", free_port()), STEPS)
+    objective = SFTObjective.from_config(cfg)
+    batches = [objective.collate(data.examples[:2], tokenizer.pad_token_id), objective.collate(data.examples[2:], tokenizer.pad_token_id)]
+    targets = objective.normalizer(data.examples)
+    learner = Learner(cfg.model, cfg.adapter, cfg.trainer, objective, model_path, Placement(0, 1, "127.0.0.1", free_port()), STEPS)
     base_before = {n: p.detach().clone() for n, p in learner.model.named_parameters() if "lora_" not in n}
     adapter_before = {n: p.detach().clone() for n, p in learner.model.named_parameters() if "lora_" in n}
     losses = [learner.train_step(batches, targets)["loss_sum"] / targets for _ in range(STEPS)]

@@ -41,9 +41,10 @@ def test_run_directory_holds_everything(tmp_path):
     # `rank1 generate` samples from base + this adapter: the same greedy text PEFT gives in this process.
     generated = run_rank1("generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "12", "What is 2 + 3 * 4?")
     assert generated.returncode == 0, generated.stderr[-2000:]
-    from rank1.generate import load_adapted_model
+    from rank1.core.adapter_io import load_adapted_model
+    from rank1.core.config import ModelConfig
 
-    model, tokenizer = load_adapted_model(str(out / "adapter"))
+    model, tokenizer, _ = load_adapted_model(str(out / "adapter"), ModelConfig())
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3 * 4?"}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)
     with torch.no_grad():

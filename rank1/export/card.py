@@ -135,7 +135,7 @@ def _config_yaml(cfg) -> str:
     """The run's config without the sections that describe only the machine it ran on (paths, cluster address)."""
     import yaml
 
-    from rank1.config import to_dict
+    from rank1.core.flags import to_dict
 
     data = {k: v for k, v in to_dict(cfg).items() if k not in ("cluster", "logging", "export")}
     data["model"] = {k: v for k, v in data["model"].items() if k != "cache_dir"}
@@ -147,7 +147,7 @@ def render_card(source: ExportSource, *, repo_id: str | None, merged: bool, dtyp
     """README.md text: YAML front matter from ModelCardData, then the body."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from rank1.config import EMBEDDED_MODEL
+    from rank1.core.config import EMBEDDED_MODEL
 
     base_model = base_model or source.base_model
     base_id = public_base_id(base_model)

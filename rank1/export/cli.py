@@ -11,12 +11,13 @@ would make transformers load it as "base + adapter" instead of the merged weight
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from rank1.core.adapter_io import replace_dir
+from rank1.core.commands import EXPORT, command_main
 from rank1.export.source import ExportError, locate
 
 
@@ -33,26 +34,15 @@ def _prepare_out(out: Path, force: bool) -> Path:
     return tmp
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place: readers see the old export or the whole new one."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export(source_path: str | Path, out: str | Path, *, merge: bool = False, dtype: str = "fp32",
            push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
            base_model: str | None = None, license: str | None = None, max_shard_size: str = "2GB",
            force: bool = False, trust_remote_code: bool = False) -> Path:
     """Write the export folder (and push it); returns its path. Raises ExportError on bad input."""
-    from rank1.export.adapter import DTYPES, write_adapter
+    from rank1.export.adapter import write_adapter
     from rank1.export.card import render_card
     from rank1.export.push import check_repo_id, push_folder, require_token
 
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if revision and not push_to_hub:
         raise ExportError("--revision: only used with --push-to-hub")
     token = None
@@ -78,7 +68,7 @@ def export(source_path: str | Path, out: str | Path, *, merge: bool = False, dty
             log(f"merging into {base_name} ...")
             write_merged(source.adapter_dir, base_name, tmp, dtype, max_shard_size, trust_remote_code)
         (tmp / "README.md").write_text(render_card(source, repo_id=push_to_hub, merged=merge, dtype=dtype, license=license, base_model=base_name))
-        _publish(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -96,14 +86,11 @@ def export(source_path: str | Path, out: str | Path, *, merge: bool = False, dty
 def check_push_ready(cfg) -> None:
     """Call before training when cfg.export.push_to_hub is set: a bad repo id or a missing token fails now,
     not after hours of training."""
-    from rank1.export.adapter import DTYPES
     from rank1.export.push import check_repo_id, require_token
 
     if not cfg.export.push_to_hub:
         return
     check_repo_id(cfg.export.push_to_hub)
-    if cfg.export.dtype not in DTYPES:
-        raise ExportError(f"export.dtype {cfg.export.dtype!r}: expected one of {', '.join(DTYPES)}")
     require_token()
 
 
@@ -124,31 +111,11 @@ def push_run(run_dir: str | Path, cfg) -> str | None:
 # ---------------------------------------------------------------- command line
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rank1 export", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run dir, RUN/checkpoints/step-NNNNNN, or a PEFT adapter folder")
-    p.add_argument("--out", required=True, help="folder to write (must be new or empty, unless --force)")
-    p.add_argument("--merge", action="store_true", help="also write the merged full model (sharded safetensors + tokenizer)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the exported weights")
-    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help="push the folder to this Hub model repo (created if needed)")
-    p.add_argument("--private", action="store_true", help="create the repo as private")
-    p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created if needed), e.g. step-000020")
-    p.add_argument("--base-model", help="the base to name in the adapter config and card (e.g. the Hub id of a local base) "
-                   "and, with --merge, to merge into (checked to fit); default: the adapter's own")
-    p.add_argument("--license", help="license id for the card (default: the base's, when rank1 knows it)")
-    p.add_argument("--max-shard-size", default="2GB", help="--merge: largest safetensors shard (default 2GB)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--trust-remote-code", action="store_true")
-    return p
-
-
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    try:
-        export(args.source, args.out, merge=args.merge, dtype=args.dtype, push_to_hub=args.push_to_hub,
-               private=args.private, revision=args.revision, base_model=args.base_model, license=args.license,
-               max_shard_size=args.max_shard_size, force=args.force, trust_remote_code=args.trust_remote_code)
-    except ExportError as e:
-        print(f"rank1 export: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    def run(cfg) -> None:
+        e = cfg.export
+        export(e.source, e.out, merge=e.merge, dtype=e.dtype, push_to_hub=e.push_to_hub, private=e.private, revision=e.revision,
+               base_model=e.base_model, license=e.license, max_shard_size=e.max_shard_size, force=e.force,
+               trust_remote_code=cfg.model.trust_remote_code)
+
+    return command_main(EXPORT, argv, run, errors=(ExportError,))

@@ -33,15 +33,10 @@ def _lora_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
 
 def check_fits(adapter_dir: Path, base_name: str, base_path: str, trust_remote_code: bool = False) -> None:
     """Raise ExportError if the adapter's modules are missing from the base or have other shapes."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from rank1.model import load_model_config
+    from rank1.core.model import linear_shapes, load_model_config, meta_model
 
     config = load_model_config(base_path, trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = linear_shapes(meta_model(config, trust_remote_code))
     wanted = _lora_shapes(adapter_dir)
     missing = [n for n in wanted if n not in linears]
     wrong = [(n, wanted[n], linears[n]) for n in wanted if n in linears and wanted[n] != linears[n]]
@@ -65,9 +60,9 @@ def write_merged(adapter_dir: Path, base_name: str, out: Path, dtype: str, max_s
     import torch
     from peft import PeftModel
 
-    from rank1.config import ModelConfig
-    from rank1.export.adapter import DTYPES
-    from rank1.model import ModelError, load_base, load_tokenizer, resolve_model_path
+    from rank1.core.adapter_io import DTYPES
+    from rank1.core.config import ModelConfig
+    from rank1.core.model import ModelError, load_base, load_tokenizer, resolve_model_path
 
     model_cfg = ModelConfig(name_or_path=base_name, trust_remote_code=trust_remote_code)
     try:

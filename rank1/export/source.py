@@ -24,7 +24,7 @@ class ExportSource:
     run_dir: Path | None  # the rank1 run it came from, if any
     step: int | None  # checkpoint step, None for the final adapter
     adapter_config: dict
-    config: object | None  # rank1.config.Config of the run
+    config: object | None  # rank1.core.config.Config of the run
     eval_summary: dict | None  # RUN_DIR/eval/summary.json
     final_metrics: dict | None  # last row of metrics.jsonl
 
@@ -88,7 +88,7 @@ def _step_of(name: str) -> int | None:
 
 
 def _read_config(run_dir: Path):
-    from rank1.config import from_dict
+    from rank1.core.flags import from_dict
 
     path = run_dir / "config.yaml"
     try:

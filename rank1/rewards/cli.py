@@ -1,4 +1,4 @@
-"""`rank1 grade IN.jsonl --out OUT.jsonl`: grade rows {gold, completion} with the training reward pool.
+"""`rank1 grade IN.jsonl --out OUT.jsonl [--workers N] [--timeout S]`: grade rows {gold, completion} with the reward pool.
 
 Each row is written back with `reward` (0 or 1), `extracted` (the answer found) and `status`
 (ok | timeout | error; rows that are not ok also get `message`). The whole input is checked before
@@ -9,7 +9,6 @@ Exit codes: 0 all rows graded, 2 bad flags or input (the message names the file 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,45 +16,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from rank1.config import RewardsConfig
-from rank1.rewards.result import GOLD_FORMATS
+from rank1.core.commands import GRADE, command_main
 
 
 class InputError(ValueError):
     """A row of the input file cannot be graded; the message names file and line."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rank1 grade", description="Grade {gold, completion} JSONL rows with math-verify.")
-    p.add_argument("input", type=Path, help="JSONL file, one object a line with 'gold' and 'completion'")
-    p.add_argument("--out", type=Path, required=True, help="where to write the graded rows (JSONL)")
-    p.add_argument("--workers", type=int, default=1, help="reward actors (Ray), default 1")
-    p.add_argument("--timeout", type=float, default=RewardsConfig.timeout_s, help="seconds per answer before it scores 0")
-    p.add_argument("--gold-format", choices=GOLD_FORMATS, default="auto",
-                   help="auto: '#### n' golds are GSM8K, everything else LaTeX")
-    return p
-
-
 def read_rows(path: Path) -> list[dict]:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    from rank1.core.data import read_jsonl
+
     rows = []
-    for number, raw in enumerate(data.splitlines(), start=1):
+    for number, row in read_jsonl(path, InputError):
         where = f"{path}:{number}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
         if "gold" not in row:
             raise InputError(f"{where}: missing field 'gold'")
         if "completion" not in row:
@@ -84,26 +57,17 @@ def write_atomically(path: Path, rows: list[dict]) -> None:
         raise
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)  # bad flags: argparse prints usage and exits 2
-    for flag, ok in (("--workers", args.workers >= 1), ("--timeout", args.timeout > 0)):
-        if not ok:
-            print(f"rank1 grade: error: {flag} must be positive", file=sys.stderr)
-            return 2
-    try:
-        rows = read_rows(args.input)
-    except InputError as e:
-        print(f"rank1 grade: error: {e}", file=sys.stderr)
-        return 2
+def grade(cfg) -> int:
+    rows = read_rows(Path(cfg.grade.input))
 
     from tqdm import tqdm
 
     from rank1.rewards.pool import RewardPool  # imports Ray: only once the input is known to be good
 
-    cfg = RewardsConfig(functions=["math"], num_workers=args.workers, timeout_s=args.timeout, gold_format=args.gold_format)
+    cfg.rewards.functions = ["math"]  # `rank1 grade` scores correctness alone, whatever training rewarded
     pairs = [(str(row["gold"]), row["completion"]) for row in rows]
     try:
-        with RewardPool(cfg) as pool, tqdm(total=len(pairs), desc="grading", unit="row", file=sys.stderr) as bar:
+        with RewardPool(cfg.rewards) as pool, tqdm(total=len(pairs), desc="grading", unit="row", file=sys.stderr) as bar:
             started = time.monotonic()  # grading time, without Ray's start-up
             results = pool.score(pairs, progress=bar.update)
     except Exception as e:
@@ -115,13 +79,18 @@ def main(argv: list[str]) -> int:
         row.update(reward=result.reward, extracted=result.extracted, status=result.status)
         if result.message:
             row["message"] = result.message
-    write_atomically(args.out, rows)
+    out = Path(cfg.grade.out)
+    write_atomically(out, rows)
 
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "timeout", "error")}
     correct = sum(r.reward for r in results)
     print(f"graded {len(rows)} rows: {correct:.0f} correct ({100 * correct / len(rows):.1f}%), "
-          f"{counts['timeout']} timeout, {counts['error']} error in {elapsed:.1f}s -> {args.out}")
+          f"{counts['timeout']} timeout, {counts['error']} error in {elapsed:.1f}s -> {out}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return command_main(GRADE, argv, grade, errors=(InputError,))
 
 
 if __name__ == "__main__":

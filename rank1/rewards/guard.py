@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from rank1.config import RewardsConfig
+from rank1.core.config import RewardsConfig
+from rank1.core.flags import check_tree
 from rank1.rewards.registry import RewardFunctionError, resolve
-from rank1.rewards.result import GOLD_FORMATS, RewardResult
+from rank1.rewards.result import RewardResult
 
 STARTUP_TIMEOUT_S = 120.0  # imports on a loaded 2-core machine can be slow; this is not per answer
 CPU_SLACK_S = 2.0  # RLIMIT_CPU backstop: the wall-clock kill should always come first
@@ -33,13 +34,10 @@ class ChildGone(Exception):
 
 
 def check_config(cfg: RewardsConfig) -> None:
-    """Raise naming the `rewards.*` field that cannot work — in the caller, not once per answer."""
-    if cfg.gold_format not in GOLD_FORMATS:
-        raise ValueError(f"rewards.gold_format: {cfg.gold_format!r} is not one of {', '.join(GOLD_FORMATS)}")
-    if cfg.timeout_s <= 0:
-        raise ValueError(f"rewards.timeout_s: must be > 0, got {cfg.timeout_s}")
-    if cfg.memory_mb < 256:
-        raise ValueError(f"rewards.memory_mb: sympy needs at least 256 MB, got {cfg.memory_mb}")
+    """Raise naming the `rewards.*` field that cannot work — in the caller, not once per answer.
+
+    Ranges and choices are the section's own (rank1.core.config); this adds that the functions resolve."""
+    check_tree(cfg, "rewards.")
     if not cfg.functions:
         raise RewardFunctionError("rewards.functions: name at least one reward function, e.g. ['math']")
     for name in cfg.functions:

@@ -11,25 +11,19 @@ flight are resubmitted, so no sample is lost; only if a chunk keeps failing does
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import time
-from collections import deque
 from typing import Callable, Sequence
 
-import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
-
-from rank1.config import RewardsConfig
+from rank1.core.config import ClusterConfig, RewardsConfig
+from rank1.core.workers import WorkerDied, WorkerGroup, init_ray
 from rank1.rewards.guard import GuardedGrader, check_config
 from rank1.rewards.registry import BUILTINS, RewardFunctionError
 from rank1.rewards.result import RewardResult
 
-logger = logging.getLogger(__name__)
-
 CHUNKS_IN_FLIGHT_PER_ACTOR = 2  # one being graded, one queued so the actor never waits on the driver
 MAX_CHUNK = 16
+HANG_SLACK_S = 60.0  # on top of every answer's own timeout: a chunk later than that means a blocked actor
 
 
 class RewardPoolError(RuntimeError):
@@ -53,22 +47,21 @@ class RewardActor:
 class RewardPool:
     def __init__(self, cfg: RewardsConfig):
         check_config(cfg)  # the actors check it too, but a typo should fail here, before Ray starts
-        if cfg.num_workers < 1:
-            raise ValueError(f"rewards.num_workers: must be >= 1, got {cfg.num_workers}")
-        if cfg.max_restarts < 0:
-            raise ValueError(f"rewards.max_restarts: must be >= 0, got {cfg.max_restarts}")
+        import ray
+
         self.cfg = cfg
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:  # a caller (trainer, tests) that already started Ray keeps its own settings
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init()  # join the cluster the user pointed at
-            else:  # a small local Ray: the actors hold no CPUs, the object store only carries strings
-                ray.init(address="local", num_cpus=max(2, cfg.num_workers), object_store_memory=200 * 1024**2, include_dashboard=False)
+            init_ray(ClusterConfig(local_num_cpus=max(2, cfg.num_workers), local_object_store_mb=200))
         # num_cpus=0: an actor only waits on its child process; reserving a CPU per actor would leave
         # a small node with none for learners and rollout engines, and the pool would never schedule.
-        actor_cls = ray.remote(num_cpus=0, max_restarts=cfg.max_restarts, max_task_retries=0)(RewardActor)
-        self.actors = [actor_cls.remote(cfg) for _ in range(cfg.num_workers)]
-        ray.get([a.pid.remote() for a in self.actors])  # surface start-up errors (e.g. imports) now
+        self.group = WorkerGroup(RewardActor, cfg.num_workers, lambda i, ips: (cfg,), num_cpus=0, placement=None,
+                                 max_restarts=cfg.max_restarts, name="reward worker")
+        self.group.call("pid")  # surface start-up errors (e.g. imports) now
+
+    @property
+    def actors(self) -> list:
+        return self.group.workers
 
     def score(self, pairs: Sequence[tuple[str, str]],
               progress: Callable[[int], None] | None = None) -> list[RewardResult]:
@@ -81,52 +74,28 @@ class RewardPool:
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ValueError(f"pairs[{i}]: expected a (gold, completion) pair, got {type(pair).__name__}")
-        size = max(1, min(MAX_CHUNK, math.ceil(len(pairs) / (4 * len(self.actors)))))
-        chunks = [(start, pairs[start : start + size]) for start in range(0, len(pairs), size)]
-        results: list[RewardResult | None] = [None] * len(pairs)
-        todo, failures = deque(range(len(chunks))), [0] * len(chunks)
-        in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (chunk index, actor index)
-        load = [0] * len(self.actors)
-        while todo or in_flight:
-            for a in sorted(range(len(self.actors)), key=lambda a: load[a]):
-                while todo and load[a] < CHUNKS_IN_FLIGHT_PER_ACTOR:
-                    c = todo.popleft()
-                    in_flight[self.actors[a].score.remote(chunks[c][1])] = (c, a)
-                    load[a] += 1
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            c, a = in_flight.pop(ref)
-            load[a] -= 1
-            try:
-                chunk_results = ray.get(ref)
-            except (RayActorError, WorkerCrashedError) as e:
-                failures[c] += 1
-                if failures[c] > self.cfg.max_restarts + 1:
-                    raise RewardPoolError(f"reward chunk of {len(chunks[c][1])} pairs failed {failures[c]} times; last: {e}") from e
-                logger.warning("reward actor %d died; resubmitting its chunk of %d pairs", a, len(chunks[c][1]))
-                todo.appendleft(c)
-                continue
-            start = chunks[c][0]
-            results[start : start + len(chunk_results)] = chunk_results
-            if progress:
-                progress(len(chunk_results))
+        size = max(1, min(MAX_CHUNK, math.ceil(len(pairs) / (4 * self.group.size))))
+        chunks = [(pairs[start : start + size],) for start in range(0, len(pairs), size)]
+        # Every answer has its own timeout inside the actor; a chunk (and the one queued behind it) far
+        # past the sum of those is an actor that stopped answering: it is killed, restarted and retried.
+        deadline = CHUNKS_IN_FLIGHT_PER_ACTOR * size * (self.cfg.timeout_s + 1.0) + HANG_SLACK_S
+        try:
+            graded = self.group.map("score", chunks, per_worker=CHUNKS_IN_FLIGHT_PER_ACTOR, retries=self.cfg.max_restarts + 1,
+                                    timeout_s=deadline, on_result=(lambda t, r: progress(len(r))) if progress else None)
+        except WorkerDied as e:
+            raise RewardPoolError(f"reward chunk could not be graded: {e}") from e
+        results = [r for chunk in graded for r in chunk]
         _raise_on_user_function_errors(results)
-        return results  # type: ignore[return-value]
+        return results
 
     def pids(self, timeout_s: float = 120.0) -> list[int]:
         """Process ids of the actors, waiting for any that Ray is restarting."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return ray.get([a.pid.remote() for a in self.actors])
-            except ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        return self.group.pids(timeout_s)
 
     def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
+        import ray
+
+        self.group.shutdown()
         if self._owns_ray:
             ray.shutdown()
 

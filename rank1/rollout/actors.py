@@ -1,21 +1,21 @@
-"""Rollout engines as a group of restartable Ray actors.
+"""Rollout engines as a group of restartable Ray actors (one rank1.core.workers.WorkerGroup).
 
-`EngineGroup` starts `num_engines` `EngineActor`s, splits each generate() call across them, and keeps
-the latest adapter (an object-store ref, put once) so that an actor Ray restarts after a crash gets
-that adapter back before it retries the batch it lost. Ray's own task retry is off on purpose
-(max_task_retries=0): it would rerun the batch on the fresh actor before the adapter is reloaded,
-i.e. sample from the base model.
+`EngineGroup` starts `num_engines` `EngineActor`s, queues each generate() call's shards to whichever is
+free, and keeps the latest adapter (an object-store ref, put once) so that an actor Ray restarts after
+a crash or a hang gets that adapter back before it retries the shard it lost. Ray's own task retry is
+off on purpose (max_task_retries=0): it would rerun the batch on the fresh actor before the adapter is
+reloaded, i.e. sample from the base model.
+
+With rollout.tensor_parallel_size > 1 each engine gets a placement group of that many GPU bundles on
+one node; the actor itself holds no GPU and vLLM's Ray executor starts its workers in those bundles.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field
 
-import ray
-
-from rank1.config import RolloutConfig
+from rank1.core.config import ModelConfig, RolloutConfig
+from rank1.core.workers import WorkerDied, WorkerGroup
 from rank1.rollout.engine import AdapterReceipt, Completion, SamplingSpec
 from rank1.rollout.sync import AdapterRefs, push_adapter, put_adapter
 
@@ -32,14 +32,17 @@ def make_engine(backend: str, model_path: str, **engine_kwargs):
     raise ValueError(f"rollout.backend: {backend!r} is not one of vllm, transformers")
 
 
-def engine_kwargs(cfg: RolloutConfig, seed: int = 0) -> dict:
-    """The RolloutConfig fields each backend's constructor takes."""
+def engine_kwargs(cfg: RolloutConfig, model: ModelConfig | None = None, seed: int = 0) -> dict:
+    """The RolloutConfig fields each backend's constructor takes; learner and engines load the same weights."""
+    model = model or ModelConfig()
+    common = dict(dtype=cfg.dtype, seed=seed, revision=model.revision, trust_remote_code=model.trust_remote_code)
     if cfg.backend == "vllm":
-        return dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, seed=seed)
-    return dict(dtype=cfg.dtype, seed=seed)
+        return dict(common, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, max_num_seqs=cfg.max_num_seqs,
+                    tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                    enforce_eager=cfg.enforce_eager)
+    return common
 
 
-@ray.remote
 class EngineActor:
     def __init__(self, backend: str, model_path: str, engine_kwargs: dict):
         self.engine = make_engine(backend, model_path, **engine_kwargs)
@@ -76,94 +79,73 @@ def split_evenly(n_items: int, n_parts: int) -> list[range]:
     return bounds
 
 
-@dataclass
 class EngineGroup:
-    backend: str
-    model_path: str
-    num_engines: int = 1
-    engine_kwargs: dict = field(default_factory=dict)
-    max_restarts: int = 2  # per actor, over its lifetime
-    max_batch_retries: int = 2  # per generate() shard
-    num_cpus_per_engine: float = 1.0
-    num_gpus_per_engine: float = 0.0
-
-    def __post_init__(self):
-        if self.num_engines < 1:
-            raise ValueError(f"rollout.num_engines: must be >= 1, got {self.num_engines}")
-        options = dict(max_restarts=self.max_restarts, max_task_retries=0, num_cpus=self.num_cpus_per_engine,
-                       num_gpus=self.num_gpus_per_engine)
-        self.actors = [
-            EngineActor.options(**options).remote(self.backend, self.model_path, self.engine_kwargs)
-            for _ in range(self.num_engines)
-        ]
+    def __init__(self, backend: str, model_path: str, num_engines: int = 1, engine_kwargs: dict | None = None, *,
+                 max_restarts: int = 2, max_batch_retries: int = 2, num_cpus_per_engine: float = 1.0,
+                 num_gpus_per_engine: float = 0.0, tensor_parallel_size: int = 1, timeout_s: float | None = None):
+        kwargs = dict(engine_kwargs or {})
+        if tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "ray"  # vLLM's workers take the placement group's GPU bundles
+        self.max_batch_retries, self.timeout_s = max_batch_retries, timeout_s
+        self.group = WorkerGroup(EngineActor, num_engines, lambda i, ips: (backend, model_path, kwargs),
+                                 num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine, placement=None,
+                                 gang=tensor_parallel_size, max_restarts=max_restarts, name="rollout engine")
         self.latest: AdapterRefs | None = None
         self._accepted: tuple[list[float], float] = ([], 0.0)
-        self.restarts_seen = 0  # shards retried after an actor died
 
     @classmethod
-    def from_config(cls, cfg: RolloutConfig, model_path: str, seed: int = 0) -> EngineGroup:
-        return cls(cfg.backend, model_path, cfg.num_engines, engine_kwargs(cfg, seed), max_restarts=cfg.max_restarts,
-                   num_cpus_per_engine=cfg.cpus_per_engine, num_gpus_per_engine=cfg.gpus_per_engine)
+    def from_config(cls, cfg: RolloutConfig, model_path: str, seed: int = 0, model: ModelConfig | None = None) -> EngineGroup:
+        return cls(cfg.backend, model_path, cfg.num_engines, engine_kwargs(cfg, model, seed), max_restarts=cfg.max_restarts,
+                   num_cpus_per_engine=cfg.cpus_per_engine, num_gpus_per_engine=cfg.gpus_per_engine,
+                   tensor_parallel_size=cfg.tensor_parallel_size, timeout_s=cfg.timeout_s)
 
-    def push_adapter(self, tensors, peft_config: dict, version: int, expected_probe: list[float] | None = None, atol: float = 1e-3):
+    @property
+    def restarts_seen(self) -> int:
+        return self.group.restarts
+
+    @property
+    def actors(self) -> list:
+        return self.group.workers
+
+    def push_adapter(self, tensors, peft_config: dict, version: int, expected_probe: list[float] | None = None,
+                     atol: float = 1e-3, previous_probe: list[float] | None = None) -> list[AdapterReceipt]:
         """Send a new adapter version to every engine (one ray.put) and check all of them serve it."""
         self.latest = put_adapter(tensors, peft_config, version)
-        receipts = push_adapter(self.actors, self.latest, expected_probe=expected_probe, atol=atol)
+        receipts = push_adapter(self.group.workers, self.latest, expected_probe=expected_probe, atol=atol,
+                                previous_probe=previous_probe)
         self._accepted = (receipts[0].probe_logprobs, atol)  # what a restarted engine must reproduce
         return receipts
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Completion]:
-        shards = split_evenly(len(prompts), len(self.actors))
-        pending = {self.actors[i].generate.remote([prompts[j] for j in shard], sampling): (i, shard, 0) for i, shard in enumerate(shards)}
-        results: dict[int, list[Completion]] = {}
-        while pending:
-            [done], _ = ray.wait(list(pending), num_returns=1)
-            actor_index, shard, attempt = pending.pop(done)
-            try:
-                completions = ray.get(done)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:  # process died
-                if attempt >= self.max_batch_retries:
-                    raise RuntimeError(f"rollout engine {actor_index} died {attempt + 1} times on the same batch") from e
-                self.restarts_seen += 1
-                self._restore(actor_index)
-                retry = self.actors[actor_index].generate.remote([prompts[j] for j in shard], sampling)
-                pending[retry] = (actor_index, shard, attempt + 1)
-                continue
+        shards = split_evenly(len(prompts), self.group.size)
+        try:
+            results = self.group.map("generate", [([prompts[j] for j in shard], sampling) for shard in shards],
+                                     retries=self.max_batch_retries, timeout_s=self.timeout_s, on_restart=self._restore)
+        except WorkerDied as e:
+            raise RuntimeError(str(e)) from e
+        out = []
+        for shard, completions in zip(shards, results):
             for c in completions:
                 c.prompt_index = shard[c.prompt_index]
-            results[shard.start] = completions
-        return [c for start in sorted(results) for c in results[start]]
+            out += completions
+        return out
 
-    def _restore(self, actor_index: int, timeout_s: float = 600.0) -> None:
-        """Wait for Ray to restart the actor, then give it the latest adapter again."""
-        actor = self.actors[actor_index]
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if self.latest is not None:
-                    probe, atol = self._accepted
-                    push_adapter([actor], self.latest, expected_probe=probe, atol=atol)
-                else:
-                    ray.get(actor.version.remote())
-                return
-            except ray.exceptions.ActorUnavailableError:  # still restarting
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-            except ray.exceptions.ActorDiedError as e:
-                raise RuntimeError(
-                    f"rollout engine {actor_index} died and cannot be restarted (max_restarts={self.max_restarts} used up)"
-                ) from e
+    def _restore(self, index: int) -> None:
+        """A restarted engine gets the latest adapter again, proven like every other sync."""
+        if self.latest is not None:
+            probe, atol = self._accepted
+            push_adapter([self.group.workers[index]], self.latest, expected_probe=probe, atol=atol)
 
     def versions(self) -> list[int]:
-        return ray.get([a.version.remote() for a in self.actors])
+        return self.group.call("version")
 
     def pids(self) -> list[int]:
-        return ray.get([a.pid.remote() for a in self.actors])
+        return self.group.pids()
 
     def shutdown(self) -> None:
+        import ray
+
         # Let engines remove their adapter folders first; a dead one is simply skipped.
-        ray.wait([a.close.remote() for a in self.actors], num_returns=len(self.actors), timeout=30)
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
+        refs = [a.close.remote() for a in self.group.workers]
+        ray.wait(refs, num_returns=len(refs), timeout=30)
+        self.group.shutdown()

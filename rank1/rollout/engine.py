@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rank1.config import RolloutConfig
+from rank1.core.model import linear_shapes  # noqa: F401  (re-exported for the backends)
 
 # Scored after every adapter swap. Short (cheap to score) and ordinary text, so every tokenizer
 # splits it into a handful of common tokens whose logprobs move when the adapter moves.
@@ -57,11 +57,6 @@ class SamplingSpec:
         if not 0 < self.top_p <= 1:
             raise EngineError(f"sampling.top_p: must be in (0, 1], got {self.top_p}")
 
-    @classmethod
-    def from_config(cls, cfg: RolloutConfig, **overrides) -> SamplingSpec:
-        values = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        values.update(overrides)
-        return cls(**values)
 
 
 @dataclass
@@ -69,8 +64,8 @@ class Completion:
     prompt_index: int  # position of its prompt in the list given to generate()
     token_ids: list[int]  # sampled tokens, including the stop token if one ended it
     text: str
-    # log p(token | prefix) of each sampled token under the served model at temperature 1 (raw
-    # logits, no top-p), i.e. what the learner computes for the same tokens, for importance ratios.
+    # log p(token | prefix) of each sampled token under the distribution it was sampled from (logits /
+    # temperature; greedy: temperature 1), i.e. what the learner computes for the same tokens.
     logprobs: list[float]
     finish_reason: str  # "stop" | "length"
 
@@ -143,23 +138,9 @@ def check_adapter(
         raise AdapterError(f"adapter tensors: missing {absent[0]} (and {len(absent) - 1} more of {len(expected)})")
 
 
-def linear_shapes(model) -> dict[str, tuple[int, int]]:
-    """name -> (in_features, out_features) of every nn.Linear (works on meta-device models)."""
-    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
 def probe_token_ids(tokenizer) -> list[int]:
     """The probe as token ids; the learner encodes it with the same tokenizer to compute its side."""
     return tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
-
-
-@torch.no_grad()
-def forward_logprobs(model, token_ids: list[int]) -> list[float]:
-    """log p(ids[t] | ids[:t]) for t >= 1 by one plain forward pass of an HF/PEFT model (the learner's side)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([token_ids], device=device)
-    logits = model(input_ids=ids).logits.float()
-    return logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
 
 
 def logprob_of(logprob_entries: dict, token_id: int) -> float:

@@ -1,8 +1,8 @@
 """transformers rollout engine: the same interface as vLLM, for machines or models vLLM cannot run.
 
-A PEFT model generates left-padded batches with `model.generate`; per-token logprobs come from the raw
-logits (`output_logits`, before temperature/top-p), the same quantity vLLM's raw_logprobs mode reports
-and the learner computes. Adapter swaps copy the tensors into the existing LoRA modules with
+A PEFT model generates left-padded batches with `model.generate`; per-token logprobs come from the
+processed scores (`output_scores`: after temperature and top-p, i.e. the distribution sampled from),
+the same quantity vLLM's processed_logprobs mode reports and the GRPO learner computes. Adapter swaps copy the tensors into the existing LoRA modules with
 `set_peft_model_state_dict`; the model is rebuilt only when the adapter's shape (r, targets) changes.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from rank1.config import ModelConfig
-from rank1.model import load_base, load_tokenizer
-from rank1.rollout.engine import Completion, EngineError, RolloutEngine, SamplingSpec, linear_shapes
+from rank1.core.config import ModelConfig
+from rank1.core.logprobs import token_logprobs
+from rank1.core.model import linear_shapes, load_base, load_tokenizer
+from rank1.rollout.engine import Completion, EngineError, RolloutEngine, SamplingSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Fields of LoraConfig.to_dict() that change which modules exist; a change needs a new PEFT wrapper.
@@ -24,13 +25,15 @@ def _shape_of(peft_config: dict) -> tuple:
 
 
 class HFEngine(RolloutEngine):
-    def __init__(self, model_path: str, *, dtype: str = "float32", batch_size: int = 16, max_lora_rank: int = 1, seed: int = 0):
+    def __init__(self, model_path: str, *, dtype: str = "float32", batch_size: int = 16, max_lora_rank: int = 1, seed: int = 0,
+                 revision: str | None = None, trust_remote_code: bool = False, device: str = "auto"):
         super().__init__()
         if dtype not in _DTYPES:
             raise EngineError(f"transformers dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
-        cfg = ModelConfig(name_or_path=model_path)
+        cfg = ModelConfig(name_or_path=model_path, revision=revision, trust_remote_code=trust_remote_code)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.tokenizer = load_tokenizer(model_path, cfg)
-        self.base = load_base(model_path, cfg, _DTYPES[dtype]).eval()
+        self.base = load_base(model_path, cfg, _DTYPES[dtype]).to(self.device).eval()
         self.model = self.base  # becomes a PeftModel at the first load_adapter
         self.batch_size = batch_size
         self.max_lora_rank = max_lora_rank
@@ -79,7 +82,7 @@ class HFEngine(RolloutEngine):
         completions = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
-            ids, mask = self._left_pad(batch)
+            ids, mask = (t.to(self.device) for t in self._left_pad(batch))
             sample = sampling.temperature > 0
             out = self.model.generate(
                 input_ids=ids,
@@ -92,13 +95,13 @@ class HFEngine(RolloutEngine):
                 num_return_sequences=sampling.n,
                 eos_token_id=sorted(stop),
                 pad_token_id=self.pad_id,
-                output_logits=True,
+                output_scores=True,
                 return_dict_in_generate=True,
             )
             new = out.sequences[:, ids.shape[1] :]
-            logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            logprobs = token_logprobs(torch.stack(out.scores, dim=1), new).cpu()
             for row in range(new.shape[0]):  # rows are prompt-major: n samples of prompt 0, then prompt 1, ...
-                tokens = new[row].tolist()
+                tokens = new[row].cpu().tolist()
                 end = next((i + 1 for i, t in enumerate(tokens) if t in stop), None)
                 tokens = tokens[:end] if end else tokens
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -118,7 +121,7 @@ class HFEngine(RolloutEngine):
             for row, s in enumerate(batch):  # right padding: positions stay 0..len-1, as in training
                 ids[row, : len(s)] = torch.tensor(s)
                 mask[row, : len(s)] = 1
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            lp = token_logprobs(logits[:, :-1], ids[:, 1:].to(self.device)).cpu()
             scores += [lp[row, : len(s) - 1].tolist() for row, s in enumerate(batch)]
         return scores

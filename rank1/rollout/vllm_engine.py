@@ -15,7 +15,6 @@ the config travels unchanged. On CPU the engine core runs in this process
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -24,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from rank1.rollout.engine import AdapterError, Completion, EngineError, RolloutEngine, SamplingSpec, linear_shapes, logprob_of
+from rank1.core.adapter_io import write_adapter
+from rank1.core.model import linear_shapes, meta_model
+from rank1.rollout.engine import AdapterError, Completion, EngineError, RolloutEngine, SamplingSpec, logprob_of
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,19 +48,6 @@ def _remove_orphans(base: Path) -> None:
             continue
 
 
-def write_peft_folder(folder: Path, tensors: dict[str, torch.Tensor], peft_config: dict, dtype: torch.dtype) -> int:
-    """Write a PEFT adapter folder vLLM can load; returns the bytes of the tensor file."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
-    config = dict(peft_config)
-    config.setdefault("peft_type", "LORA")
-    # to_dict() holds sets (target_modules) and str-enums (peft_type, task_type).
-    (folder / "adapter_config.json").write_text(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-    return (folder / "adapter_model.safetensors").stat().st_size
-
-
 class VLLMEngine(RolloutEngine):
     def __init__(
         self,
@@ -71,6 +59,12 @@ class VLLMEngine(RolloutEngine):
         kv_cache_gb: int = 1,
         seed: int = 0,
         max_num_seqs: int = 64,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool | None = None,
+        distributed_executor_backend: str | None = None,
     ):
         super().__init__()
         if dtype not in _DTYPES:
@@ -80,10 +74,16 @@ class VLLMEngine(RolloutEngine):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        on_gpu = torch.cuda.is_available()
         self.max_lora_rank = max_lora_rank
         self.dtype = _DTYPES[dtype]
+        gpu_args = dict(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization) if on_gpu else {}
+        if distributed_executor_backend:
+            gpu_args["distributed_executor_backend"] = distributed_executor_backend
         self.llm = LLM(
             model=model_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
             dtype=dtype,
             enable_lora=True,
             max_lora_rank=max_lora_rank,
@@ -91,8 +91,12 @@ class VLLMEngine(RolloutEngine):
             max_cpu_loras=1,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
-            enforce_eager=True,  # no graph capture on CPU; start-up is already the slow part
+            # CPU: no graph capture (start-up is already the slow part); GPU: CUDA graphs unless asked otherwise.
+            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+            # The logprob of each sampled token under the distribution it was sampled from (temperature applied).
+            logprobs_mode="processed_logprobs",
             seed=seed,
+            **gpu_args,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -109,11 +113,7 @@ class VLLMEngine(RolloutEngine):
 
     def _linear_shapes(self):
         # The HF architecture on the meta device: the names and shapes PEFT keys refer to, no weights.
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(self.llm.llm_engine.model_config.hf_config)
-        return linear_shapes(model)
+        return linear_shapes(meta_model(self.llm.llm_engine.model_config.hf_config))
 
     def _swap_adapter(self, tensors, peft_config, version):
         from vllm.lora.request import LoRARequest
@@ -121,7 +121,7 @@ class VLLMEngine(RolloutEngine):
         lora_id = self._next_lora_id
         self._next_lora_id += 1
         folder = self._root / f"v{version}-id{lora_id}"
-        self.last_adapter_bytes = write_peft_folder(folder, tensors, peft_config, self.dtype)
+        self.last_adapter_bytes = write_adapter(folder, tensors, peft_config, dtype=str(self.dtype).removeprefix("torch."), atomic=False)
         request = LoRARequest(lora_name=f"rank1-v{version}-id{lora_id}", lora_int_id=lora_id, lora_path=str(folder))
         engine = self.llm.llm_engine
         try:
@@ -150,7 +150,7 @@ class VLLMEngine(RolloutEngine):
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop_token_ids=list(sampling.stop_token_ids),
-            logprobs=0,  # only the sampled token's logprob (raw_logprobs: before temperature/top-p)
+            logprobs=0,  # only the sampled token's logprob (processed: after temperature and top-p)
         )
 
     def _check_lengths(self, items, what: str, room: int) -> None:

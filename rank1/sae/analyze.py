@@ -11,6 +11,7 @@ feature's value on every context token.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,23 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rank1.core.config import SAEAnalyzeConfig
 from rank1.sae.errors import SAEError
 from rank1.sae.sae import SparseAutoencoder
 from rank1.sae.store import ActivationStore
 
 CHUNK = 8192  # tokens per step of a pass
 FEATURE_GROUP = 256  # features whose example contexts are gathered together
-
-
-@dataclass
-class AnalyzeSettings:
-    top_k: int = 50
-    context: int = 30
-    bins: int = 40
-    random_examples: int = 200  # a shared pool of random tokens: negatives for explanation scoring
-    max_features_per_source: int | None = None
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -84,7 +75,7 @@ def sources_for(store: ActivationStore, sae: SparseAutoencoder | None) -> list[S
 
 
 @torch.no_grad()
-def _scan(store: ActivationStore, source: Source, settings: AnalyzeSettings, pool: torch.Tensor, bar) -> dict:
+def _scan(store: ActivationStore, source: Source, settings: SAEAnalyzeConfig, pool: torch.Tensor, bar) -> dict:
     F, K = source.n_features, settings.top_k
     top_vals, top_idx = torch.zeros(0, F), torch.zeros(0, F, dtype=torch.long)
     active, maxima = torch.zeros(F, dtype=torch.long), torch.zeros(F)
@@ -152,8 +143,9 @@ def _examples(store: ActivationStore, source: Source, centers: torch.Tensor, fea
     return out
 
 
-def analyze(store: ActivationStore, sae: SparseAutoencoder | None, tokenizer, settings: AnalyzeSettings) -> dict:
-    gen = torch.Generator().manual_seed(settings.seed)
+def analyze(store: ActivationStore, sae: SparseAutoencoder | None, tokenizer, settings: SAEAnalyzeConfig, seed: int = 0,
+            progress: bool = True) -> dict:
+    gen = torch.Generator().manual_seed(seed)
     n_pool = min(settings.random_examples, store.n_tokens)
     pool = torch.randperm(store.n_tokens, generator=gen)[:n_pool].sort().values
     pool_examples = [
@@ -164,7 +156,7 @@ def analyze(store: ActivationStore, sae: SparseAutoencoder | None, tokenizer, se
     for e in pool_examples:
         vocab.update(e["tokens"])
     for source in sources_for(store, sae):
-        bar = tqdm(total=store.n_tokens, unit="tok", disable=not settings.progress, desc=f"analyze {source.name}")
+        bar = tqdm(total=store.n_tokens, unit="tok", disable=not progress, desc=f"analyze {source.name}")
         scan = _scan(store, source, settings, pool, bar)
         bar.close()
         hist = _histograms(store, source, scan["max"], settings.bins)
@@ -191,7 +183,8 @@ def analyze(store: ActivationStore, sae: SparseAutoencoder | None, tokenizer, se
                     "random_values": [round(v, 5) for v in scan["pool_values"][:, f].tolist()],
                 })
     return {
-        "meta": {"activations": str(store.dir), "tokens": store.n_tokens, "model": store.meta.get("model"), "adapter": store.meta.get("adapter"), **settings.__dict__},
+        "meta": {"activations": str(store.dir), "tokens": store.n_tokens, "model": store.meta.get("model"), "adapter": store.meta.get("adapter"),
+                 **dataclasses.asdict(settings), "seed": seed},
         "vocab": {str(t): tokenizer.decode([t]) for t in sorted(vocab)},
         "random_pool": pool_examples,
         "features": features,

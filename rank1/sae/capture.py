@@ -99,12 +99,18 @@ class ActivationCapture:
     def adapter_activations(self) -> torch.Tensor:
         if any(t is None for t in self._adapter_out):
             raise SAEError("no forward pass ran inside ActivationCapture (or an adapter was skipped)")
-        return torch.cat(self._adapter_out, dim=-1).float()
+        return _cat(self._adapter_out)
 
     def neuron_activations(self) -> torch.Tensor:
         if not self.neurons:
             return torch.empty(0)
-        return torch.cat(self._neuron_out, dim=-1).float()
+        return _cat(self._neuron_out)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-module outputs as fp32; a base spread over several GPUs leaves them on different devices."""
+    device = parts[0].device
+    return torch.cat([p.to(device, torch.float32) for p in parts], dim=-1)
 
 
 class SpliceAdapters:

@@ -6,28 +6,16 @@ so a resumed run recomputes exactly the batches an uninterrupted run would and w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from rank1.config import DataConfig, ModelConfig
+from rank1.core.config import DataConfig, ModelConfig, SAECollectConfig
 from rank1.sae.capture import ActivationCapture
 from rank1.sae.documents import load_documents, padded_batch
-from rank1.sae.errors import SAEError
-from rank1.sae.loading import load_adapted_model
+from rank1.sae.loading import load_for_study
 from rank1.sae.store import ShardWriter
-
-
-@dataclass
-class CollectSettings:
-    max_tokens: int  # stop after the batch that reaches this many tokens
-    batch_docs: int = 8
-    shard_tokens: int = 65536
-    neurons_per_layer: int = 6  # the paper's MLP baseline: first 6 up_proj channels per layer
-    text_field: str | None = None
-    progress: bool = True
 
 
 def decoder_only(model):
@@ -36,14 +24,14 @@ def decoder_only(model):
     return getattr(base, base.base_model_prefix, None) or model
 
 
-def collect(adapter_dir: str, data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: str, settings: CollectSettings) -> dict:
-    if settings.max_tokens <= 0:
-        raise SAEError(f"--tokens must be > 0, got {settings.max_tokens}")
-    model, tokenizer, model_path = load_adapted_model(adapter_dir, model_cfg)
+def collect(settings: SAECollectConfig, data_cfg: DataConfig, model_cfg: ModelConfig, progress: bool = True) -> dict:
+    """Stop after the batch that reaches settings.tokens tokens (or the end of the data)."""
+    adapter_dir, out_dir = settings.adapter, settings.out
+    model, tokenizer, model_path, model_name = load_for_study(adapter_dir, model_cfg, settings.device, settings.dtype)
     docs = load_documents(data_cfg, tokenizer, settings.text_field)
     capture = ActivationCapture(model, neurons_per_layer=settings.neurons_per_layer)
     meta = {
-        "model": model_cfg.name_or_path,
+        "model": model_name,
         "model_path": model_path,
         "adapter": str(Path(adapter_dir).resolve()),
         "data": data_cfg.path,
@@ -57,26 +45,26 @@ def collect(adapter_dir: str, data_cfg: DataConfig, model_cfg: ModelConfig, out_
     writer = ShardWriter(out_dir, meta, settings.shard_tokens)
     decoder = decoder_only(model)
     start = writer.next_doc
-    bar = tqdm(total=settings.max_tokens, initial=min(writer.tokens, settings.max_tokens), unit="tok", disable=not settings.progress, desc="collect")
+    bar = tqdm(total=settings.tokens, initial=min(writer.tokens, settings.tokens), unit="tok", disable=not progress, desc="collect")
     doc = start
     with torch.inference_mode(), capture:
-        while doc < len(docs) and writer.tokens < settings.max_tokens:
+        while doc < len(docs) and writer.tokens < settings.tokens:
             batch = docs[doc : doc + settings.batch_docs]
             ids, mask, _ = padded_batch(batch, tokenizer.pad_token_id)
-            decoder(input_ids=ids, attention_mask=mask)
+            decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
             keep = mask.bool()
             positions = torch.arange(ids.shape[1]).expand_as(ids)
             doc_ids = (torch.arange(len(batch)) + doc).unsqueeze(1).expand_as(ids)
             before = writer.tokens
             writer.add(
                 doc + len(batch),
-                adapter=capture.adapter_activations()[keep],
-                neurons=capture.neuron_activations()[keep] if capture.neurons else torch.zeros(int(keep.sum()), 0),
+                adapter=capture.adapter_activations().cpu()[keep],
+                neurons=capture.neuron_activations().cpu()[keep] if capture.neurons else torch.zeros(int(keep.sum()), 0),
                 token_ids=ids[keep].to(torch.int32),
                 doc_ids=doc_ids[keep].to(torch.int64),
                 positions=positions[keep].to(torch.int32),
             )
-            bar.update(min(writer.tokens, settings.max_tokens) - min(before, settings.max_tokens))
+            bar.update(min(writer.tokens, settings.tokens) - min(before, settings.tokens))
             doc += len(batch)
     bar.close()
     writer.finish(done=doc >= len(docs))

@@ -1,11 +1,11 @@
-"""Documents to run the model on: any data set rank1.data reads, or rows with a plain text field."""
+"""Documents to run the model on: any data set rank1.core.data reads, or rows with a plain text field."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rank1.config import DataConfig
-from rank1.data import IGNORE_INDEX, detect_format, read_rows, to_messages, tokenize_messages
+from rank1.core.config import DataConfig
+from rank1.core.data import IGNORE_INDEX, detect_format, read_rows, to_messages, tokenize_messages
 from rank1.sae.errors import SAEError
 
 

@@ -13,23 +13,14 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+import dataclasses
 
 from tqdm.auto import tqdm
 
+from rank1.core.config import SAEExplainConfig
 from rank1.sae.clients import ChatClient
 
 SYSTEM = "You are an interpretability researcher explaining features of a language model."
-
-
-@dataclass
-class ExplainSettings:
-    n_explain: int = 20  # top examples shown to write the explanation
-    n_score: int = 10  # held-out positives (and as many negatives) for detection
-    max_features: int | None = None  # per source
-    max_tokens: int = 256  # reply length limit per request
-    seed: int = 0
-    progress: bool = True
 
 
 def render(example: dict, vocab: dict, mark: bool) -> str:
@@ -85,7 +76,7 @@ def parse_predictions(reply: str, n: int) -> list[int] | None:
     return [int(v) for v in values]
 
 
-def explain_feature(client: ChatClient, feature: dict, data: dict, settings: ExplainSettings, rng: random.Random) -> dict:
+def explain_feature(client: ChatClient, feature: dict, data: dict, settings: SAEExplainConfig, rng: random.Random) -> dict:
     examples, vocab = feature["examples"], data["vocab"]
     result = {"id": feature["id"], "source": feature["source"], "explanation": None, "self_rating": None, "detection_accuracy": None}
     if not examples:
@@ -110,12 +101,12 @@ def explain_feature(client: ChatClient, feature: dict, data: dict, settings: Exp
     return result
 
 
-def explain_all(client: ChatClient, data: dict, settings: ExplainSettings) -> dict:
-    rng = random.Random(settings.seed)
+def explain_all(client: ChatClient, data: dict, settings: SAEExplainConfig, seed: int = 0, progress: bool = True) -> dict:
+    rng = random.Random(seed)
     features, per_source = [], {}
     for f in data["features"]:  # the first max_features of each source (adapter, latent, neuron)
         per_source[f["source"]] = per_source.get(f["source"], 0) + 1
         if settings.max_features is None or per_source[f["source"]] <= settings.max_features:
             features.append(f)
-    results = [explain_feature(client, f, data, settings, rng) for f in tqdm(features, disable=not settings.progress, desc="explain")]
-    return {"client": client.describe(), "settings": settings.__dict__, "explanations": results}
+    results = [explain_feature(client, f, data, settings, rng) for f in tqdm(features, disable=not progress, desc="explain")]
+    return {"client": client.describe(), "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("api_key_env",)} | {"seed": seed}, "explanations": results}

@@ -1,43 +1,34 @@
-"""Base model + saved rank-1 adapter, loaded through rank1.model, with errors that name the adapter."""
+"""Base model + saved rank-1 adapter for study (rank1.core.adapter_io), on CPU in fp32 or spread over GPUs in bf16.
+
+Activations are read in the model's dtype and stored as fp32, so a 32B base in bf16 over several GPUs
+(accelerate's device_map="auto") gives the paper's 448-dim collection in practical time.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from rank1.config import ModelConfig
-from rank1.model import load_base, load_tokenizer, resolve_model_path
-from rank1.sae.errors import SAEError
+from rank1.core.adapter_io import check_adapter_folder, load_adapted_model, resolve_base
 
 
-def adapter_base_model(adapter_dir: str | Path) -> str | None:
-    config = Path(adapter_dir) / "adapter_config.json"
-    if not config.is_file():
-        raise SAEError(f"--adapter {adapter_dir}: no adapter_config.json there (not a PEFT adapter folder)")
-    return json.loads(config.read_text()).get("base_model_name_or_path")
-
-
-def load_adapted_model(adapter_dir: str | Path, model_cfg: ModelConfig):
-    """(PeftModel in eval mode, tokenizer, resolved base path) for the adapter on the configured base."""
+def study_device(device: str) -> str:
     import torch
-    from peft import PeftModel
 
-    adapter_base_model(adapter_dir)  # checks the folder
-    path = resolve_model_path(model_cfg)
-    tokenizer = load_tokenizer(path, model_cfg)
-    base = load_base(path, model_cfg, torch.float32)
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, missing target modules
-        raise SAEError(
-            f"--adapter {adapter_dir}: does not fit the model {model_cfg.name_or_path} ({type(e).__name__}: {str(e)[:400]})"
-        ) from None
-    model.eval()
-    return model, tokenizer, path
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def model_config_for(name_or_path: str | None) -> ModelConfig:
-    return ModelConfig() if name_or_path is None else ModelConfig(name_or_path=name_or_path)
+def study_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_for_study(adapter_dir, model_cfg, device: str = "cpu", dtype: str = "float32"):
+    """(PeftModel in eval mode, tokenizer, resolved base path, base name) for the adapter on its base."""
+    device = study_device(device)
+    model_cfg = resolve_base(check_adapter_folder(adapter_dir), model_cfg)
+    model, tokenizer, path = load_adapted_model(adapter_dir, model_cfg, dtype=study_dtype(dtype, device), device=device)
+    return model, tokenizer, path, model_cfg.name_or_path
 
 
 def load_tokenizer_for(meta: dict):

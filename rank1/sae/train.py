@@ -4,58 +4,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rank1.config import DataConfig
+from rank1.core.config import DataConfig, ModelConfig, SAETrainConfig
 from rank1.sae.documents import load_documents
 from rank1.sae.effect import AdapterEffect
 from rank1.sae.errors import SAEError
-from rank1.sae.loading import load_adapted_model, model_config_for
+from rank1.sae.loading import load_for_study
 from rank1.sae.sae import SparseAutoencoder, SparseAutoencoderConfig
 from rank1.sae.saelens_format import save_sae
 from rank1.sae.store import ActivationStore
-from rank1.sae.trainer import SAETrainerConfig, train_sae
+from rank1.sae.trainer import train_sae
+
+EFFECT_MAX_LENGTH = 256  # tokens per held-out document for the adapter effect
 
 
-@dataclass
-class EffectSettings:
-    adapter: str | None = None  # default: the collection's adapter
-    data: str | None = None  # default: the collection's data, documents it did not use
-    docs: int = 16  # held-out documents
-    max_length: int = 256
-
-
-def build_effect(store: ActivationStore, settings: EffectSettings) -> AdapterEffect:
+def build_effect(store: ActivationStore, data: str | None, docs_wanted: int, adapter: str | None = None) -> AdapterEffect:
+    """Held-out documents for the effect: `data`, or the collection's own data past what it collected."""
     meta = store.meta
-    model, tokenizer, _ = load_adapted_model(settings.adapter or meta["adapter"], model_config_for(meta["model"]))
-    data_cfg = DataConfig(path=settings.data or meta["data"], format=meta.get("data_format", "auto"), max_length=settings.max_length)
+    model, tokenizer, _, _ = load_for_study(adapter or meta["adapter"], ModelConfig(name_or_path=meta["model"]))
+    data_cfg = DataConfig(path=data or meta["data"], format=meta.get("data_format", "auto"), max_length=EFFECT_MAX_LENGTH)
     docs = load_documents(data_cfg, tokenizer, meta.get("text_field"))
-    if settings.data is None:  # the documents after the last collected one are unseen by the SAE
+    if data is None:  # the documents after the last collected one are unseen by the SAE
         start = store.shards[-1].next_doc
-        docs = docs[start:] if len(docs) - start >= settings.docs else docs[-settings.docs :]
-    return AdapterEffect(model, docs[: settings.docs], tokenizer.pad_token_id)
+        docs = docs[start:] if len(docs) - start >= docs_wanted else docs[-docs_wanted:]
+    return AdapterEffect(model, docs[:docs_wanted], tokenizer.pad_token_id)
 
 
-def train_from_store(
-    activations: str,
-    out: str,
-    sae_cfg: dict,
-    trainer_cfg: SAETrainerConfig,
-    effect: EffectSettings | None,
-    seed: int = 0,
-) -> dict:
+def sae_config(cfg: SAETrainConfig, d_in: int) -> SparseAutoencoderConfig:
+    return SparseAutoencoderConfig(d_in=d_in, d_sae=d_in * cfg.expansion, k=cfg.k, architecture=cfg.architecture,
+                                   normalize_activations=cfg.normalize, l1_coefficient=cfg.l1_coefficient)
+
+
+def train_from_store(trainer_cfg: SAETrainConfig, seed: int = 0, progress: bool = True) -> dict:
+    activations, out = trainer_cfg.activations, trainer_cfg.out
     store = ActivationStore(activations)
-    d_in = len(store.adapter_names)
-    expansion = sae_cfg.pop("expansion")
-    cfg = SparseAutoencoderConfig(d_in=d_in, d_sae=d_in * expansion, **sae_cfg)
+    cfg = sae_config(trainer_cfg, len(store.adapter_names))
     if store.n_tokens < trainer_cfg.batch_size:
         raise SAEError(f"{activations}: {store.n_tokens} tokens is less than one batch (--batch-size {trainer_cfg.batch_size})")
     torch.manual_seed(seed)
     sae = SparseAutoencoder(cfg, seed=seed)
-    evaluate = build_effect(store, effect) if effect is not None else None
+    evaluate = build_effect(store, trainer_cfg.eval_data, trainer_cfg.eval_docs) if trainer_cfg.effect else None
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = (out_dir / "train_log.jsonl").open("w")
@@ -71,6 +62,7 @@ def train_from_store(
         total_steps=store.n_tokens // trainer_cfg.batch_size,
         evaluate=evaluate,
         log=log,
+        progress=progress,
     )
     log_file.close()
     metadata = {"model_name": store.meta["model"], "hook_name": "lora_A (all rank-1 adapters)", "adapter": store.meta["adapter"]}

@@ -18,23 +18,10 @@ from typing import Callable, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from rank1.core.config import SAETrainConfig
 from rank1.sae.errors import SAEError
 from rank1.sae.sae import SparseAutoencoder
 from rank1.sae.sparse_step import batch_topk_pairs, row_topk_pairs, sparse_step
-
-
-@dataclass
-class SAETrainerConfig:
-    lr: float = 5e-4
-    batch_size: int = 512
-    warmup_steps: int = 100
-    aux_coefficient: float = 1 / 32
-    aux_k: int | None = None  # dead latents used by AuxK per token; default d_in // 2
-    dead_after_tokens: int = 1_000_000
-    betas: tuple[float, float] = (0.9, 0.999)
-    log_every: int = 100
-    normalization_batches: int = 4  # batches used to estimate the input scale and b_dec
-    progress: bool = True
 
 
 @dataclass
@@ -63,10 +50,11 @@ def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict:
 def train_sae(
     sae: SparseAutoencoder,
     batches: Iterable[torch.Tensor],
-    cfg: SAETrainerConfig,
+    cfg: SAETrainConfig,
     total_steps: int | None = None,
     evaluate: Callable[[SparseAutoencoder], dict] | None = None,
     log: Callable[[dict], None] | None = None,
+    progress: bool = True,
 ) -> TrainState:
     """Train in place for one pass over `batches`; every log_every steps record metrics (and `evaluate`)."""
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
@@ -77,12 +65,12 @@ def train_sae(
     sae.fit_normalization(torch.cat(first))
     stream = itertools.chain(first, stream)
 
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     aux_k = min(cfg.aux_k or d_in // 2, d_sae)
     since_fired = torch.zeros(d_sae, dtype=torch.long)
     state = TrainState()
-    bar = tqdm(total=total_steps, unit="step", disable=not cfg.progress, desc="train sae")
+    bar = tqdm(total=total_steps, unit="step", disable=not progress, desc="train sae")
     started = time.perf_counter()
     guess = None  # batchtopk: where to start looking for the batch's k·B-th value (see sparse_step)
     for x_raw in stream:

@@ -6,10 +6,12 @@
     w_t         = min(exp(old_logp_t - engine_logp_t), is_cap)      (truncated importance weight)
     k3_t        = (exp(ref_t - logp_t) - (ref_t - logp_t) - 1) * ratio_t   (ref: the base, adapter disabled)
 
-The formulas are TRL's GRPOTrainer's (tests/trainer/test_grpo_loss.py checks equality to 1e-6).
-`grpo_loss_sum` returns a *sum* over this micro-batch; the driver divides by a normalizer of the whole
-global batch (completion tokens, sequences, or sequences × max_new_tokens), so the gradient does not
-depend on how completions are split over micro-batches and learners — as for SFT.
+The formulas are TRL's GRPOTrainer's (tests/test_grpo_loss.py checks equality to 1e-6, at T = 1 and
+T = 0.7). Logprobs are those of the distribution the engines sampled: logits divided by
+grpo.temperature. `GRPOObjective.loss` returns a *sum* over this micro-batch; the learner divides by
+`normalizer(rows)` of the whole global batch (completion tokens, sequences, or sequences ×
+max_completion_length), so the gradient does not depend on how completions are split over
+micro-batches and learners — as for SFT. Advantages are the driver's (rank1.driver.grpo).
 """
 
 from __future__ import annotations
@@ -18,40 +20,62 @@ from dataclasses import dataclass
 
 import torch
 
-STD_EPS = 1e-4  # TRL's: keeps a group with a tiny spread from exploding
+from rank1.core.config import Config, ConfigError
+from rank1.core.logprobs import token_logprobs
+from rank1.trainer.sft import split_rows
 
 
 @dataclass(frozen=True)
-class GRPOLossSettings:
+class GRPOObjective:
+    rows_per_step: int  # completions per rollout batch: prompts_per_step × num_generations
+    max_sequence_tokens: int  # prompt + completion: rollout.max_model_len
+    max_completion_length: int
+    temperature: float = 1.0
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     aggregation: str = "token"  # token | sequence | constant
     kl_coef: float = 0.0
     is_correction: bool = True
     is_cap: float = 3.0
+    name: str = "grpo"
+    rollout_engines: bool = True  # trains on the engines' samples
+    instruction: str | None = None  # grpo.instruction, appended to each question in training (and so in eval)
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> GRPOObjective:
+        g, t = cfg.grpo, cfg.trainer
+        rows = g.prompts_per_step * g.num_generations
+        split_rows(rows, t.micro_batch_size, t.num_learners, "grpo.prompts_per_step × grpo.num_generations")
+        if g.max_completion_length >= cfg.rollout.max_model_len:
+            raise ConfigError(f"grpo.max_completion_length: {g.max_completion_length} leaves no room for a prompt in "
+                              f"rollout.max_model_len={cfg.rollout.max_model_len}")
+        if g.top_p != 1.0:
+            raise ConfigError(f"grpo.top_p: {g.top_p} truncates the sampling distribution, which the learner's logprobs "
+                              "cannot follow (the PPO ratio would compare different distributions); GRPO samples with top_p 1")
+        return cls(rows, cfg.rollout.max_model_len, g.max_completion_length, g.temperature, g.epsilon_low, g.epsilon_high,
+                   g.aggregation, g.kl_coef, g.is_correction, g.is_cap, instruction=g.instruction)
 
-# ---------------------------------------------------------------- advantages (driver side)
+    # ------------------------------------------------------------ batches
 
+    def collate(self, rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_rollouts(rows, pad_id)
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
-    """Rewards of consecutive groups of `group_size` completions -> advantages, TRL's way."""
-    grouped = rewards.view(-1, group_size)
-    centered = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
-    if scale == "group":
-        return centered / (grouped.std(dim=1).repeat_interleave(group_size) + STD_EPS)
-    if scale == "batch":
-        return centered / (rewards.std() + STD_EPS)
-    return centered
+    def normalizer(self, rows: list[dict]) -> float:
+        """What the summed loss of a global batch is divided by (see the module docstring)."""
+        lengths = [len(r["completion_ids"]) for r in rows if r.get("weight", 1.0)]
+        if self.aggregation == "token":
+            return float(max(1, sum(lengths)))
+        if self.aggregation == "sequence":
+            return float(max(1, len(lengths)))
+        return float(max(1, len(lengths)) * self.max_completion_length)  # constant: Dr. GRPO
 
+    # ------------------------------------------------------------ the loss
 
-def normalizer(aggregation: str, completion_lengths: list[int], max_new_tokens: int) -> float:
-    """What the summed loss of a global batch is divided by (see the module docstring)."""
-    if aggregation == "token":
-        return float(max(1, sum(completion_lengths)))
-    if aggregation == "sequence":
-        return float(max(1, len(completion_lengths)))
-    return float(max(1, len(completion_lengths)) * max_new_tokens)  # constant: Dr. GRPO
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return grpo_loss_sum(model, batch, self)
+
+    def logprobs(self, model, batch: dict) -> torch.Tensor:
+        return rollout_logprobs(model, batch, self.temperature)
 
 
 # ---------------------------------------------------------------- batches
@@ -93,14 +117,14 @@ def target_positions(completion_mask: torch.Tensor) -> torch.Tensor:
     return keep if keep.numel() else torch.zeros(1, dtype=torch.long)
 
 
-def completion_logprobs(model, batch: dict, keep: torch.Tensor, with_entropy: bool = False):
-    """log p(token t+1 | ..t) at positions `keep`, shape (B, len(keep)); and the entropy there if asked."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits.float()
-    log_probs = logits.log_softmax(-1)
+def completion_logprobs(model, batch: dict, keep: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
+    """log p_T(token t+1 | ..t) at positions `keep`, shape (B, len(keep)); and the entropy there if asked."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     targets = batch["input_ids"][:, keep + 1]
-    logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logprobs = token_logprobs(logits, targets, temperature)
     if not with_entropy:
         return logprobs, None
+    log_probs = (logits.float() / temperature).log_softmax(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     return logprobs, entropy.detach()
 
@@ -112,7 +136,7 @@ def per_token_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    s: GRPOLossSettings,
+    s: GRPOObjective,
     ref_logprobs: torch.Tensor | None = None,
     is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -146,7 +170,7 @@ def aggregate_sum(loss: torch.Tensor, mask: torch.Tensor, aggregation: str) -> t
     return (loss * mask).sum()
 
 
-def grpo_loss_sum(model, batch: dict, s: GRPOLossSettings) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed GRPO loss of a micro-batch (with grad) and summed statistics for the step's metrics.
 
     `batch` may carry `old_logprobs` (when the rollout batch is reused for several optimizer steps)
@@ -155,7 +179,7 @@ def grpo_loss_sum(model, batch: dict, s: GRPOLossSettings) -> tuple[torch.Tensor
     """
     keep = target_positions(batch["completion_mask"])
     mask = batch["completion_mask"][:, keep]
-    logprobs, entropy = completion_logprobs(model, batch, keep, with_entropy=True)
+    logprobs, entropy = completion_logprobs(model, batch, keep, s.temperature, with_entropy=True)
     old = batch["old_logprobs"][:, keep] if "old_logprobs" in batch else logprobs.detach()
     ref = batch["ref_logprobs"][:, keep] if s.kl_coef != 0.0 else None
     weights = importance_weights(old, batch["engine_logprobs"][:, keep], mask, s.is_cap) if s.is_correction else None
@@ -176,10 +200,10 @@ def grpo_loss_sum(model, batch: dict, s: GRPOLossSettings) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def rollout_logprobs(model, batch: dict) -> torch.Tensor:
+def rollout_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
     """Logprobs (B, L - 1) of the completion tokens under `model` as it is now (zeros elsewhere)."""
     keep = target_positions(batch["completion_mask"])
-    logprobs, _ = completion_logprobs(model, batch, keep)
+    logprobs, _ = completion_logprobs(model, batch, keep, temperature)
     full = torch.zeros_like(batch["completion_mask"])
     full[:, keep] = logprobs.float()
     return full

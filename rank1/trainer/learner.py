@@ -2,23 +2,25 @@
 
 Only adapter vectors have gradients and optimizer state. When the base does not fit one device,
 ZeRO stage 3 shards it across learners; then every method that touches parameters is collective
-(all ranks must call it together), and the adapter is gathered before it is read or saved.
+(all ranks must call it together), and the adapter is gathered before it is read or saved. The loss
+is the objective object's (rank1.trainer.sft / grpo), handed in by the driver.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from rank1.config import Config, TrainerConfig, rows_per_step
-from rank1.model import attach_adapter, load_base, lora_config, public_model_id
-from rank1.trainer.adapter_io import write_adapter_folder
-from rank1.trainer.grpo import GRPOLossSettings, grpo_loss_sum, rollout_logprobs
-from rank1.trainer.sft import sft_loss_sum
+from rank1.core.adapter_io import check_tensors, config_dict, write_adapter
+from rank1.core.config import AdapterConfig, ModelConfig, TrainerConfig
+from rank1.core.logprobs import sequence_logprobs
+from rank1.core.model import attach_adapter, load_base, public_model_id
+from rank1.trainer.devices import learner_device, precision_dtype
+from rank1.trainer.optim import GuardedAdamW, deepspeed_config, injected_fault, lr_scheduler, merge_stats, rng_state, \
+    seed_everything, set_rng_state, unclipped_grad_norm
 
 CHECKPOINT_TAG = "state"
 
@@ -31,143 +33,119 @@ class Placement:
     world_size: int
     master_addr: str
     master_port: int
-    local_rank: int = 0
+    node_rank: int = 0  # position among the learners on its node
 
 
 def choose_zero_stage(t: TrainerConfig, model_path: str, device: str, dtype: torch.dtype) -> int:
     """ZeRO-3 only when the base does not fit one device: sharding costs a gather every forward."""
     if t.zero_stage != "auto":
         return int(t.zero_stage)
-    if device != "cuda":
-        return 0  # host memory holds the base; ZeRO-3 on CPU is ~10x slower per step
-    from rank1.model import parameter_count_from_config
+    if device == "cpu":
+        return 0  # host memory holds the base; ZeRO-3 on CPU is ~14x slower per step
+    from rank1.core.model import parameter_count_from_config
 
     base_bytes = parameter_count_from_config(model_path) * torch.finfo(dtype).bits // 8
-    return 0 if base_bytes < 0.5 * torch.cuda.get_device_properties(0).total_memory else 3
+    return 0 if base_bytes < AUTO_ZERO3_SHARE * torch.cuda.get_device_properties(device).total_memory else 3
 
 
-def deepspeed_config(t: TrainerConfig, world_size: int, stage: int, bf16: bool, rows: int) -> dict:
-    """`rows`: sequences per optimizer step over all learners (SFT rows or GRPO completions)."""
-    grad_accum = rows // (t.micro_batch_size * world_size)
-    zero = {"stage": stage}
-    if stage == 3:
-        # Frozen base weights are gathered layer by layer for each forward and released after.
-        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=5e7)
-    return {
-        "train_batch_size": rows,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeedCPUAdam needs a JIT build
-        "steps_per_print": 1 << 30,
-    }
-
-
-def lr_scheduler(optimizer, t: TrainerConfig, total_steps: int):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
-    warmup = int(round(t.warmup_ratio * total_steps))
-    if t.lr_schedule == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    return get_constant_schedule_with_warmup(optimizer, warmup)
+AUTO_ZERO3_SHARE = 0.5  # 'auto' shards the base when it takes at least this share of one device (rank1 plan reads it)
 
 
 class Learner:
-    def __init__(self, cfg: Config, model_path: str, placement: Placement, total_steps: int):
+    def __init__(self, model_cfg: ModelConfig, adapter_cfg: AdapterConfig, trainer_cfg: TrainerConfig, objective,
+                 model_path: str, placement: Placement, total_steps: int, seed: int = 0):
         import deepspeed
 
-        self.cfg, self.placement = cfg, placement
-        t = cfg.trainer
-        self.device = "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device == "cuda")
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        os.environ.update(
-            RANK=str(placement.rank),
-            LOCAL_RANK=str(placement.local_rank),
-            WORLD_SIZE=str(placement.world_size),
-            MASTER_ADDR=placement.master_addr,
-            MASTER_PORT=str(placement.master_port),
-        )
-        if self.device == "cuda":
-            torch.cuda.set_device(placement.local_rank)
-        seed_everything(cfg.seed)
-        deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo", auto_mpi_discovery=False)
+        self.objective, self.placement, self.adapter_cfg, self.model_cfg = objective, placement, adapter_cfg, model_cfg
+        t = trainer_cfg
+        self.device, device_index = learner_device(t.device)
+        dtype = precision_dtype(t.precision, self.device)
+        # LOCAL_RANK is DeepSpeed's device index (cuda:LOCAL_RANK): an index into the devices this process
+        # sees, which under Ray is its own GPU only, not the learner's position on the node.
+        os.environ.update(RANK=str(placement.rank), LOCAL_RANK=str(device_index), WORLD_SIZE=str(placement.world_size),
+                          MASTER_ADDR=placement.master_addr, MASTER_PORT=str(placement.master_port))
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(device_index)
+        seed_everything(seed)
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.startswith("cuda") else "gloo", auto_mpi_discovery=False)
 
         self.zero_stage = choose_zero_stage(t, model_path, self.device, dtype)
-        ds_config = deepspeed_config(t, placement.world_size, self.zero_stage, bf16, rows_per_step(cfg))
+        ds_config = deepspeed_config(t, placement.world_size, self.zero_stage, dtype == torch.bfloat16, objective.rows_per_step)
         if self.zero_stage == 3:
             # Must stay alive while from_pretrained runs: it makes transformers build the model
             # inside deepspeed.zero.Init, so each rank only ever materializes its shard.
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
-        base = load_base(model_path, cfg.model, dtype)
-        self.model = attach_adapter(base, cfg.adapter, cfg.model.name_or_path)
+        base = load_base(model_path, model_cfg, dtype)
+        self.model = attach_adapter(base, adapter_cfg, model_cfg.name_or_path)
         self.adapter_params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.adapter_params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, t, total_steps), config=ds_config
+        self.optimizer = GuardedAdamW(self.adapter_params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, lr_scheduler=lr_scheduler(self.optimizer, t, total_steps), config=ds_config
         )
-        g = cfg.grpo
-        self.grpo = GRPOLossSettings(g.epsilon_low, g.epsilon_high, g.aggregation, g.kl_coef, g.is_correction, g.is_cap)
+        self.steps_done = 0
 
     # ------------------------------------------------------------ training
 
     def train_step(self, micro_batches: list[dict], normalizer: float) -> dict:
         """One optimizer step over this rank's micro-batches; collective.
 
-        The objective's loss is a sum over the micro-batch (SFT: completion-token losses; GRPO: see
-        trainer/grpo.py), divided by `normalizer`, which the driver computes for the whole global batch
-        (SFT: its target tokens). DeepSpeed divides by gradient-accumulation steps and averages over
-        ranks, so we scale by both to get exactly that gradient. Every rank gets the same number of
-        micro-batches: under ZeRO-3 each forward is a collective.
+        The objective's loss is a sum over the micro-batch, divided by `normalizer`, which the driver
+        computes for the whole global batch. DeepSpeed divides by gradient-accumulation steps and
+        averages over ranks, so we scale by both to get exactly that gradient. Every rank gets the same
+        number of micro-batches: under ZeRO-3 each forward is a collective. A step whose loss or
+        gradient is not finite changes nothing (GuardedAdamW) and is reported as `nonfinite`.
         """
         lr = self.scheduler.get_last_lr()[0]
         scale = self.engine.gradient_accumulation_steps() * self.placement.world_size / normalizer
-        loss_sum, tokens, stats = 0.0, 0, {}
+        loss_sum, tokens, stats, grad_norm = 0.0, 0, {}, None
+        poison = injected_fault("RANK1_FAULT_NAN_STEPS", self.steps_done + 1)
         self.engine.train()
-        grad_norm = None
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-            loss, extra = self._loss_sum(batch)
+            loss, extra = self.objective.loss(self.engine, batch)
+            if poison:
+                loss = loss * float("nan")
             self.engine.backward(loss * scale)
-            if i == len(micro_batches) - 1 and self.zero_stage == 0:
+            last = i == len(micro_batches) - 1
+            if last and self.zero_stage == 0:
                 grad_norm = unclipped_grad_norm(self.adapter_params)  # DeepSpeed reports none at stage 0
+            if last:
+                schedule = self.scheduler.state_dict()
             self.engine.step()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
             merge_stats(stats, extra)
+        skipped = self.optimizer.overflow or not self.engine.was_step_applied()
+        if skipped and self.engine.was_step_applied():  # DeepSpeed stepped the schedule for an update that did not happen
+            self.scheduler.load_state_dict(schedule)
+            for group, group_lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = group_lr
         if grad_norm is None and self.engine.get_global_grad_norm() is not None:
             grad_norm = float(self.engine.get_global_grad_norm())
-        return {"loss_sum": loss_sum, "tokens": tokens, "lr": lr, "grad_norm": grad_norm, **stats}
-
-    def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        if self.cfg.trainer.objective == "grpo":
-            return grpo_loss_sum(self.engine, batch, self.grpo)
-        loss, _ = sft_loss_sum(self.engine, batch)
-        return loss, {}
+        self.steps_done += 1
+        return {"loss_sum": loss_sum, "tokens": tokens, "lr": lr, "grad_norm": grad_norm, "nonfinite": bool(skipped), **stats}
 
     def rollout_logprobs(self, micro_batches: list[dict], adapter: bool = True) -> list[torch.Tensor]:
         """Completion logprobs of each micro-batch under the current adapter, or the base with the adapter
         disabled (the GRPO KL reference: no second model in memory); collective."""
-        import contextlib
-
         self.engine.eval()
         context = contextlib.nullcontext() if adapter else self.model.disable_adapter()
         with context:
-            return [rollout_logprobs(self.engine, {k: v.to(self.engine.device) for k, v in b.items()}).cpu() for b in micro_batches]
+            return [self.objective.logprobs(self.engine, {k: v.to(self.engine.device) for k, v in b.items()}).cpu()
+                    for b in micro_batches]
 
-    @torch.no_grad()
-    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
-        """log p(ids[t] | ids[:t]) by one plain forward: the learner's side of the engine's sync probe; collective."""
+    def sequence_logprobs(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """The learner's side of the engines' sync probe, by one plain forward; collective."""
         self.engine.eval()
-        ids = torch.tensor([token_ids], device=self.engine.device)
-        logits = self.engine(input_ids=ids).logits.float()
-        return logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
+        return sequence_logprobs(self.engine, token_ids, temperature)
 
     # ------------------------------------------------------------ the adapter
+
+    def peft_config(self) -> dict:
+        """The adapter's own config (an adapter.init folder's, not rebuilt from adapter_cfg)."""
+        return config_dict(self.model.peft_config["default"])
 
     def adapter_tensors(self) -> dict[str, torch.Tensor] | None:
         """The full adapter (gathered from ZeRO-3 shards) on rank 0, None elsewhere; collective."""
@@ -183,15 +161,17 @@ class Learner:
         """Write a standard PEFT adapter folder (rank 0 writes); collective."""
         tensors = self.adapter_tensors()
         if tensors is not None:
-            write_adapter_folder(folder, tensors, lora_config(self.cfg.adapter), public_model_id(self.cfg.model))
+            write_adapter(folder, tensors, self.peft_config(), public_model_id(self.model_cfg))
 
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, folder: str) -> None:
         """Optimizer, scheduler, adapter shards and this rank's RNG into `folder`; collective."""
-        self.engine.save_checkpoint(
-            folder, tag=CHECKPOINT_TAG, client_state={"rng": rng_state()}, save_latest=False, exclude_frozen_parameters=True
-        )
+        tensors = self.adapter_tensors()
+        if tensors is not None:
+            check_tensors(tensors)  # never a checkpoint holding NaN or inf
+        self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"rng": rng_state(), "steps_done": self.steps_done},
+                                    save_latest=False, exclude_frozen_parameters=True)
 
     def load_checkpoint(self, folder: str) -> None:
         _, client_state = self.engine.load_checkpoint(
@@ -200,6 +180,7 @@ class Learner:
         if client_state is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint for rank {self.placement.rank}")
         set_rng_state(client_state["rng"])
+        self.steps_done = client_state.get("steps_done", 0)
 
     def close(self) -> None:
         import deepspeed.comm as dist
@@ -208,43 +189,3 @@ class Learner:
         if torch.distributed.is_initialized():
             dist.barrier()
             torch.distributed.destroy_process_group()
-
-
-def merge_stats(total: dict, new: dict) -> dict:
-    """Add per-micro-batch (or per-rank) statistics: sums add, *_min and *_max keep the extreme."""
-    for k, v in new.items():
-        if k not in total:
-            total[k] = v
-        elif k.endswith("_min"):
-            total[k] = min(total[k], v)
-        elif k.endswith("_max"):
-            total[k] = max(total[k], v)
-        else:
-            total[k] += v
-    return total
-
-
-def unclipped_grad_norm(params) -> float:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

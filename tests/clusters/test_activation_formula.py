@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from rank1.config import AdapterConfig
-from rank1.model import attach_adapter
-from rank1.plan import layer_activation_bytes_per_token, model_shape
-from rank1.trainer.sft import sft_loss_sum
+from rank1.core.config import AdapterConfig
+from rank1.core.model import attach_adapter
+from rank1.driver.plan import layer_activation_bytes_per_token, model_shape
+from rank1.trainer.sft import SFTObjective
 
 TOKENS = 256
 SMALL = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
@@ -44,7 +44,7 @@ def saved_bytes_per_token(layers: int, dtype: torch.dtype, checkpointing: bool, 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}  # every token a target
         if with_loss:
-            sft_loss_sum(model, batch)
+            SFTObjective(1, 1).loss(model, batch)
         else:
             model(input_ids=ids, attention_mask=batch["attention_mask"])
     return sum(storages.values()) / TOKENS

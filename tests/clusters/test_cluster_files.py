@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from rank1.cli import main as rank1_main
-from rank1.config import PAPER_TARGET_MODULES, load_config
+from rank1.core.config import PAPER_TARGET_MODULES
+from rank1.core.flags import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTERS = REPO / "clusters"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rank1.config import load_config
-from rank1.plan import GB, GPUS, main, model_shape, plan_memory, resolve_zero_stage
+from rank1.core.flags import load_config
+from rank1.driver.plan import GB, GPUS, main, model_shape, plan_memory, resolve_zero_stage
 
 REPO = Path(__file__).resolve().parents[2]
 SFT_RECIPE = "clusters/recipes/qwen2.5-32b-s1k-sft.yaml"
@@ -31,7 +31,7 @@ def sft(*flags: str):
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "rank1.plan", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "rank1.driver.plan", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def row_gb(out: str, name: str) -> float:
@@ -105,27 +105,34 @@ def test_refusal_exits_nonzero_from_the_command_line():
     assert "does not fit" in proc.stderr and "a 24 GB device has 24 GB" in proc.stderr
 
 
-def test_grpo_plan_uses_rollout_length_and_checks_engines(capsys):
+def test_grpo_plan_uses_rollout_length_and_checks_engines(capsys, shape):
     assert main([GRPO_RECIPE, "--gpu", "h200"]) == 0
     out = capsys.readouterr().out
-    assert "rollout.max_model_len 9,216" in out and "vllm engine(s)" in out
+    assert "rollout.max_model_len 9,216" in out and "rollout engines: 4 × vLLM, tensor_parallel_size 2 (8 GPUs), bfloat16" in out
+    # weights per tensor-parallel shard, and the KV cache the utilisation leaves: 2 × 64 layers × 1024 × 2 B / 2 ranks
+    assert row_gb(out, "weights per GPU") == pytest.approx(shape.parameters * 2 / 2 / GB, abs=0.01)
+    kv = row_gb(out, "KV cache per GPU")
+    assert kv == pytest.approx(0.85 * 141 - shape.parameters / GB - 3.0, abs=0.02)
+    tokens = int((0.85 * 141 * GB - shape.parameters - 3.0 * GB) // (2 * 64 * 1024 * 2 / 2))
+    assert f"{tokens:,} tokens at 131 kB/token" in out
     assert main([GRPO_RECIPE, "--gpu", "a100-40g"]) == 1
-    assert "a rollout engine needs 68.5 GB" in capsys.readouterr().err
+    assert "a rollout engine needs 35.8 GB per GPU for the base weights (tensor_parallel_size 2)" in capsys.readouterr().err
+    assert main([GRPO_RECIPE, "--gpu", "a100-40g", "--rollout.tensor_parallel_size", "4"]) == 0
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["clusters/recipes/nope.yaml"], "recipe clusters/recipes/nope.yaml: no such file"),
-        ([SFT_RECIPE, "--gpu", "v100"], "--gpu v100: unknown GPU; known: h100, h200"),
+        ([SFT_RECIPE, "--gpu", "v100"], "flag --gpu: plan.gpu: 'v100' is not one of h100, h200"),
         ([SFT_RECIPE, "--gpu"], "flag --gpu needs a value"),
-        ([SFT_RECIPE, "--device-memory-gb", "lots"], "--device-memory-gb: expected a number, got 'lots'"),
-        ([SFT_RECIPE, "--device-memory-gb", "-5"], "--device-memory-gb: expected a positive number"),
-        ([SFT_RECIPE, "--gpus-per-node", "2.5"], "--gpus-per-node: expected a positive integer"),
+        ([SFT_RECIPE, "--device-memory-gb", "lots"], "--device-memory-gb: plan.device_memory_gb: expected a number, got 'lots'"),
+        ([SFT_RECIPE, "--device-memory-gb", "-5"], "--device-memory-gb: plan.device_memory_gb: must be > 0"),
+        ([SFT_RECIPE, "--gpus-per-node", "2.5"], "--gpus-per-node: plan.gpus_per_node: expected an integer"),
         ([SFT_RECIPE, "--trainer.zero_stage", "5"], "trainer.zero_stage: '5' is not one of"),
         ([SFT_RECIPE, "--trainer.global_batch_size", "20"], "trainer.global_batch_size: 20 is not a multiple"),
         ([SFT_RECIPE, "--model", "/nonexistent/config.json"], "--model /nonexistent/config.json: cannot read its config"),
-        ([], "usage: rank1 plan RECIPE.yaml"),
+        ([], "rank1 plan: RECIPE is required"),
     ],
     ids=["missing-file", "unknown-gpu", "gpu-no-value", "memory-nan", "memory-negative", "per-node-fraction",
          "bad-zero-stage", "bad-batch", "bad-model", "no-recipe"],

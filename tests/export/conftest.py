@@ -20,8 +20,8 @@ def adapted_model(model_path: str, seed: int = 0):
     """PeftModel with the paper's rank-1 adapters; lora_B random (not PEFT's zeros) so the adapter matters."""
     import torch
 
-    from rank1.config import AdapterConfig, ModelConfig
-    from rank1.model import attach_adapter, load_base
+    from rank1.core.config import AdapterConfig, ModelConfig
+    from rank1.core.model import attach_adapter, load_base
 
     base = load_base(model_path, ModelConfig(), torch.float32)
     model = attach_adapter(base, AdapterConfig(), "smollm2-135m-instruct")
@@ -39,17 +39,18 @@ def run_dir(tmp_path_factory, model_path, tokenizer) -> dict:
     import torch
     from peft import get_peft_model_state_dict
 
-    from rank1.config import AdapterConfig, Config, to_yaml
-    from rank1.model import lora_config, public_model_id
-    from rank1.trainer.adapter_io import write_adapter_folder
+    from rank1.core.config import AdapterConfig, Config
+    from rank1.core.flags import to_yaml
+    from rank1.core.adapter_io import write_adapter
+    from rank1.core.model import lora_config, public_model_id
 
     out = tmp_path_factory.mktemp("run")
     cfg = Config()
     cfg.logging.output_dir = str(out)
     model = adapted_model(model_path)
     tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-    write_adapter_folder(out / "adapter", tensors, lora_config(AdapterConfig()), public_model_id(cfg.model))
-    write_adapter_folder(out / "checkpoints" / "step-000002" / "adapter", tensors, lora_config(AdapterConfig()), public_model_id(cfg.model))
+    write_adapter(out / "adapter", tensors, lora_config(AdapterConfig()), public_model_id(cfg.model))
+    write_adapter(out / "checkpoints" / "step-000002" / "adapter", tensors, lora_config(AdapterConfig()), public_model_id(cfg.model))
     (out / "config.yaml").write_text(to_yaml(cfg))
     (out / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 1.2345, "lr": 1e-3}) + "\n")
     ids = tokenizer(PROBE, return_tensors="pt").input_ids

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from rank1.export import main
-from rank1.model import EMBEDDED_HUB_ID
+from rank1.core.model import EMBEDDED_HUB_ID
 
 
 def load_peft(model_path: str, adapter_dir):

@@ -111,7 +111,7 @@ def test_no_token_fails_before_any_work(hub, run_dir, tmp_path):
 
 PUSH_RUN = r"""
 import sys
-from rank1.config import load_config
+from rank1.core.flags import load_config
 from rank1.export import check_push_ready, push_run
 
 run_dir, *flags = sys.argv[1:]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from rank1.config import RewardsConfig
+from rank1.core.config import RewardsConfig
 from rank1.rewards.guard import GuardedGrader
 
 HERE = Path(__file__).resolve().parent

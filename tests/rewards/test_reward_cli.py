@@ -73,9 +73,10 @@ def test_existing_output_is_untouched_by_a_failed_run(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["missing.jsonl", "--out", "o.jsonl"], "missing.jsonl: cannot read"),
-    (["in.jsonl", "--out", "o.jsonl", "--gold-format", "yaml"], "invalid choice: 'yaml'"),
-    (["in.jsonl", "--out", "o.jsonl", "--workers", "0"], "--workers must be positive"),
-    (["in.jsonl"], "the following arguments are required: --out"),
+    (["in.jsonl", "--out", "o.jsonl", "--gold-format", "yaml"], "flag --gold-format: rewards.gold_format: 'yaml' is not one of auto, gsm8k, latex"),
+    (["in.jsonl", "--out", "o.jsonl", "--workers", "0"], "rewards.num_workers: must be > 0, got 0"),
+    (["in.jsonl"], "rank1 grade: --out (grade.out) is required"),
+    (["in.jsonl", "--out", "o.jsonl", "--timeout", "-1"], "rewards.timeout_s: must be > 0"),
 ])
 def test_bad_flags_and_missing_files_are_named(tmp_path, args, message):
     write_jsonl(tmp_path / "in.jsonl", [json.dumps({"gold": "1", "completion": "1"})])

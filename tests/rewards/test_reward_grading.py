@@ -2,7 +2,7 @@
 
 import pytest
 
-from rank1.config import RewardsConfig
+from rank1.core.config import RewardsConfig
 from rank1.rewards.grading import answer_region, format_reward, gold_to_math, math_reward
 from rank1.rewards.guard import GuardedGrader
 from rank1.rewards.registry import RewardFunctionError, resolve

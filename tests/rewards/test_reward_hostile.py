@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rank1.config import RewardsConfig
+from rank1.core.config import RewardsConfig
 from rank1.rewards.guard import GuardedGrader
 
 GOLD = r"\frac{355}{113}"  # appears in none of the answers below

@@ -7,7 +7,7 @@ import time
 import pytest
 import ray
 
-from rank1.config import RewardsConfig
+from rank1.core.config import RewardsConfig
 from rank1.rewards.pool import RewardPool
 from rank1.rewards.registry import RewardFunctionError
 

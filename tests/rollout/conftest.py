@@ -15,8 +15,8 @@ class Learner:
     """The trainer's side of a sync: a PEFT model whose adapter we set, and a plain forward pass."""
 
     def __init__(self, path: str):
-        from rank1.config import AdapterConfig, ModelConfig
-        from rank1.model import attach_adapter, load_base, load_tokenizer
+        from rank1.core.config import AdapterConfig, ModelConfig
+        from rank1.core.model import attach_adapter, load_base, load_tokenizer
 
         self.model = attach_adapter(load_base(path, ModelConfig(), torch.float32), AdapterConfig(), "smollm2").eval()
         self.tokenizer = load_tokenizer(path, ModelConfig())
@@ -37,9 +37,18 @@ class Learner:
         return tensors, self.model.peft_config["default"].to_dict()
 
     @torch.no_grad()
-    def logprobs(self, ids: list[int]) -> list[float]:
+    def logprobs(self, ids: list[int], temperature: float = 1.0, top_p: float = 1.0) -> list[float]:
+        """log p(ids[t] | ids[:t]) under softmax(logits / T) restricted to the top-p nucleus and renormalised:
+        the distribution a sampler with these settings draws from (written out here as the reference)."""
         x = torch.tensor([ids])
-        return self.model(input_ids=x).logits[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None]).squeeze(-1).tolist()
+        probs = (self.model(input_ids=x).logits[0, :-1] / temperature).softmax(-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus is complete
+            sorted_p = sorted_p.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs.gather(-1, x[0, 1:, None]).squeeze(-1).log().tolist()
 
     def chat_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)

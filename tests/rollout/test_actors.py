@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from rank1.config import RolloutConfig
+from rank1.core.config import RolloutConfig
 from rank1.rollout.actors import EngineGroup, split_evenly
 from rank1.rollout.engine import SamplingSpec
 

@@ -7,7 +7,8 @@ import torch
 
 from rank1.rollout.engine import AdapterError, EngineError, SamplingSpec
 from rank1.rollout.sync import AdapterSyncError, check_receipts
-from rank1.rollout.engine import adapter_digest, forward_logprobs
+from rank1.core.logprobs import sequence_logprobs
+from rank1.rollout.engine import adapter_digest
 
 from .conftest import max_diff, run_sync_scenario
 
@@ -43,7 +44,7 @@ def test_receipt_of_a_stale_engine_is_rejected(engine, learner):
     expected_new = learner.logprobs(engine.probe_token_ids())
     # An engine that acknowledged version 11 but kept the old weights reports the old probe.
     stale = engine.load_adapter(old_tensors, config, 11)
-    assert max_diff(forward_logprobs(learner.model, engine.probe_token_ids()), expected_new) < 1e-6  # the learner-side helper
+    assert max_diff(sequence_logprobs(learner.model, engine.probe_token_ids()), expected_new) < 1e-6  # the learner-side helper
     with pytest.raises(AdapterSyncError, match="engine 0: probe logprobs differ from the learner's"):
         check_receipts([stale], 11, stale.digest, expected_new, ATOL)
     with pytest.raises(AdapterSyncError, match="differ from the sender's"):
@@ -60,8 +61,11 @@ def test_batched_generation_left_padding(engine, learner):
     for c in completions:
         assert c.finish_reason in ("stop", "length") and len(c.logprobs) == len(c.token_ids) > 0
         assert (c.finish_reason == "length") == (len(c.token_ids) == 8 and c.token_ids[-1] not in engine.eos_ids)
-        # The short prompt was left-padded in the batch; its logprobs still match an unpadded forward.
-        full = learner.logprobs(prompts[c.prompt_index] + c.token_ids)
+        # The short prompt was left-padded in the batch; its logprobs still match an unpadded forward, under the
+        # distribution sampled from (temperature 0.8, top-p 0.9), not the raw one.
+        full = learner.logprobs(prompts[c.prompt_index] + c.token_ids, temperature=0.8, top_p=0.9)
+        raw = learner.logprobs(prompts[c.prompt_index] + c.token_ids)
+        assert max_diff(c.logprobs, raw[len(prompts[c.prompt_index]) - 1 :]) > 0.05
         assert max_diff(c.logprobs, full[len(prompts[c.prompt_index]) - 1 :]) < ATOL
     greedy = engine.generate(prompts[:1], SamplingSpec(max_new_tokens=6, temperature=0.0))
     assert greedy[0].token_ids == engine.generate(prompts[:1], SamplingSpec(max_new_tokens=6, temperature=0.0))[0].token_ids

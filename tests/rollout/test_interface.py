@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rank1.config import RolloutConfig
 from rank1.rollout.engine import AdapterError, AdapterReceipt, EngineError, SamplingSpec, adapter_digest, check_adapter
 from rank1.rollout.sync import AdapterSyncError, check_receipts
 
@@ -22,8 +21,8 @@ def adapter(r: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
-def test_sampling_spec_from_config_and_ranges():
-    spec = SamplingSpec.from_config(RolloutConfig(max_new_tokens=7, temperature=0.5, top_p=0.9), n=4)
+def test_sampling_spec_and_ranges():
+    spec = SamplingSpec(n=4, max_new_tokens=7, temperature=0.5, top_p=0.9)
     assert (spec.n, spec.max_new_tokens, spec.temperature, spec.top_p) == (4, 7, 0.5, 0.9)
     for bad, field in ((dict(n=0), "sampling.n"), (dict(max_new_tokens=0), "sampling.max_new_tokens"),
                        (dict(temperature=-1), "sampling.temperature"), (dict(top_p=1.5), "sampling.top_p")):

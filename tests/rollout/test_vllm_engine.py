@@ -12,7 +12,7 @@ import pytest
 import ray
 import torch
 
-from rank1.config import RolloutConfig
+from rank1.core.config import RolloutConfig
 from rank1.rollout.engine import AdapterError, EngineError, SamplingSpec, probe_token_ids
 
 from .conftest import max_diff, run_sync_scenario

@@ -33,8 +33,8 @@ def make_adapter(model_path: str, out: Path, seed: int = 0, b_scale: float = 0.5
     """
     from transformers import AutoModelForCausalLM
 
-    from rank1.config import AdapterConfig
-    from rank1.model import lora_config
+    from rank1.core.config import AdapterConfig
+    from rank1.core.model import lora_config
 
     from peft import get_peft_model
 
@@ -47,8 +47,9 @@ def make_adapter(model_path: str, out: Path, seed: int = 0, b_scale: float = 0.5
     if train_steps:
         from transformers import AutoTokenizer
 
-        from rank1.config import DataConfig
-        from rank1.data import arithmetic_rows, collate, to_messages, tokenize_messages
+        from rank1.core.config import DataConfig
+        from rank1.core.data import arithmetic_rows, to_messages, tokenize_messages
+        from rank1.trainer.sft import SFTObjective
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         rows = arithmetic_rows(364)[300:]  # rows the collection tests do not read first
@@ -56,7 +57,7 @@ def make_adapter(model_path: str, out: Path, seed: int = 0, b_scale: float = 0.5
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         opt = torch.optim.Adam(params, lr=2e-2)
         for step in range(train_steps):
-            batch = collate(examples[step * 4 % len(examples) :][:4], tokenizer.pad_token_id)
+            batch = SFTObjective(4, 512).collate(examples[step * 4 % len(examples) :][:4], tokenizer.pad_token_id)
             loss = model(**batch).loss
             opt.zero_grad()
             loss.backward()

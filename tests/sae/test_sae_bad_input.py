@@ -14,7 +14,8 @@ from rank1.sae.cli import main
 from rank1.sae.errors import SAEError
 from rank1.sae.sae import SparseAutoencoder, SparseAutoencoderConfig
 from rank1.sae.store import ActivationStore
-from rank1.sae.trainer import SAETrainerConfig, train_sae
+from rank1.core.config import SAETrainConfig
+from rank1.sae.trainer import train_sae
 
 
 def _error(capsys, argv) -> str:
@@ -31,7 +32,7 @@ def test_no_activations(tmp_path, capsys):
     err = _error(capsys, ["analyze", "--activations", str(empty), "--out", str(tmp_path / "a.json")])
     assert "0 tokens" in err
     with pytest.raises(SAEError, match="no activations"):
-        train_sae(SparseAutoencoder(SparseAutoencoderConfig(4, 8, k=2)), iter([]), SAETrainerConfig(progress=False))
+        train_sae(SparseAutoencoder(SparseAutoencoderConfig(4, 8, k=2)), iter([]), SAETrainConfig(), progress=False)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -47,22 +48,22 @@ def test_nan_or_inf_activations(tmp_path, collected: Path, capsys, bad):
     with pytest.raises(SAEError, match="NaN or inf"):
         x = torch.randn(64, 4)
         x[3, 1] = bad
-        train_sae(SparseAutoencoder(SparseAutoencoderConfig(4, 8, k=2)), iter([x]), SAETrainerConfig(progress=False))
+        train_sae(SparseAutoencoder(SparseAutoencoderConfig(4, 8, k=2)), iter([x]), SAETrainConfig(), progress=False)
 
 
 def test_k_larger_than_dictionary(tmp_path, collected: Path, capsys):
     err = _error(capsys, ["train", "--activations", str(collected), "--out", str(tmp_path / "sae"), "--k", "100", "--expansion", "2", "--no-effect"])
     assert "--k 100 is larger than the dictionary (d_sae = 28" in err
     err = _error(capsys, ["train", "--activations", str(collected), "--out", str(tmp_path / "sae"), "--k", "0", "--no-effect"])
-    assert "--k must be > 0" in err
+    assert "flag --k: sae.train.k: must be > 0, got 0" in err
     err = _error(capsys, ["train", "--activations", str(collected), "--out", str(tmp_path / "sae"), "--architecture", "gated", "--no-effect"])
-    assert "--architecture 'gated'" in err
+    assert "flag --architecture: sae.train.architecture: 'gated' is not one of batchtopk, topk, relu" in err
 
 
 def test_adapter_not_matching_the_model(tmp_path, tiny_adapter, model_factory, model_path, capsys):
     other = model_factory(tmp_path / "other", model_path, hidden=32)  # same layer names, other shapes
     err = _error(capsys, ["collect", "--adapter", tiny_adapter, "--model", other, "--data", "arithmetic", "--tokens", "100", "--out", str(tmp_path / "acts")])
-    assert f"--adapter {tiny_adapter}: does not fit the model {other}" in err
+    assert f"--adapter {tiny_adapter}: does not fit base model {other}" in err
     err = _error(capsys, ["collect", "--adapter", str(tmp_path), "--model", other, "--data", "arithmetic", "--tokens", "100", "--out", str(tmp_path / "acts")])
     assert "no adapter_config.json" in err
 
@@ -74,7 +75,7 @@ def test_collect_refuses_to_mix_settings_and_bad_flags(tmp_path, collected: Path
                           "--tokens", "100", "--out", str(copy), "--shard-tokens", "1500"])
     assert "other settings" in err and "max_length" in err
     err = _error(capsys, ["collect", "--adapter", tiny_adapter, "--model", tiny_model, "--data", "arithmetic", "--tokens", "-5", "--out", str(copy)])
-    assert "--tokens must be > 0" in err
+    assert "flag --tokens: sae.collect.tokens: must be > 0, got -5" in err
     err = _error(capsys, ["collect", "--adapter", tiny_adapter, "--model", tiny_model, "--data", str(tmp_path / "none.jsonl"), "--tokens", "5", "--out", str(tmp_path / "x")])
     assert "none.jsonl: no such data file" in err
 

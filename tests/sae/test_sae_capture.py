@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rank1.config import ModelConfig
-from rank1.model import load_base
+from rank1.core.config import ModelConfig
+from rank1.core.model import load_base
 from rank1.sae.capture import ActivationCapture, SpliceAdapters, adapter_sites
 
 

@@ -36,7 +36,7 @@ def test_resumed_collection_is_bit_identical(tmp_path, tiny_model, tiny_adapter)
 def test_shards_hold_consistent_tokens_and_activations(collected: Path, tiny_model):
     from transformers import AutoTokenizer
 
-    from rank1.config import DataConfig
+    from rank1.core.config import DataConfig
     from rank1.sae.documents import load_documents
 
     store = ActivationStore(collected)
@@ -56,9 +56,10 @@ def test_shards_hold_consistent_tokens_and_activations(collected: Path, tiny_mod
     # The first batch's activations equal a capture around the full model's forward (collection skips the LM head).
     from rank1.sae.capture import ActivationCapture
     from rank1.sae.documents import padded_batch
-    from rank1.sae.loading import load_adapted_model, model_config_for
+    from rank1.core.adapter_io import load_adapted_model
+    from rank1.core.config import ModelConfig
 
-    model, tokenizer, _ = load_adapted_model(store.meta["adapter"], model_config_for(store.meta["model"]))
+    model, tokenizer, _ = load_adapted_model(store.meta["adapter"], ModelConfig(name_or_path=store.meta["model"]))
     ids, mask, _ = padded_batch(docs[:8], tokenizer.pad_token_id)
     with torch.inference_mode(), ActivationCapture(model, neurons_per_layer=6) as cap:
         model(input_ids=ids, attention_mask=mask)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rank1.sae.sae import SparseAutoencoder, SparseAutoencoderConfig
-from rank1.sae.trainer import SAETrainerConfig, evaluate_reconstruction, train_sae
+from rank1.core.config import SAETrainConfig
+from rank1.sae.trainer import evaluate_reconstruction, train_sae
 
 
 def synthetic(d_in=32, atoms=64, k=3, n=120_000, seed=0):
@@ -23,8 +24,8 @@ def test_sae_recovers_known_dictionary(architecture):
     data, dictionary = synthetic(n=104_096)
     x, held_out = data[:-4096], data[-4096:]
     sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=32, d_sae=128, k=3, architecture=architecture))
-    cfg = SAETrainerConfig(lr=3e-3, batch_size=512, warmup_steps=20, log_every=50, dead_after_tokens=20_000, progress=False)
-    state = train_sae(sae, (x[i : i + 512] for i in range(0, len(x) - 511, 512)), cfg)
+    cfg = SAETrainConfig(lr=3e-3, batch_size=512, warmup_steps=20, log_every=50, dead_after_tokens=20_000)
+    state = train_sae(sae, (x[i : i + 512] for i in range(0, len(x) - 511, 512)), cfg, progress=False)
     cosine = (torch.nn.functional.normalize(sae.W_dec, dim=1) @ dictionary.T).max(0).values
     assert (cosine > 0.9).float().mean() >= 0.9, f"{architecture}: only {(cosine > 0.9).float().mean():.2f} of atoms recovered"
     metrics = evaluate_reconstruction(sae, [held_out])
@@ -40,12 +41,12 @@ def test_auxk_revives_dead_latents():
     sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=32, d_sae=256, k=3))
     with torch.no_grad():  # kill half the latents: their encoders point away from all data
         sae.b_enc[128:] = -5.0
-    common = dict(lr=3e-3, warmup_steps=10, log_every=10, dead_after_tokens=2048, progress=False)
-    revived = train_sae(sae, (x[i : i + 512] for i in range(0, len(x) - 511, 512)), SAETrainerConfig(aux_coefficient=1 / 32, **common))
+    common = dict(lr=3e-3, warmup_steps=10, log_every=10, dead_after_tokens=2048)
+    revived = train_sae(sae, (x[i : i + 512] for i in range(0, len(x) - 511, 512)), SAETrainConfig(aux_coefficient=1 / 32, **common), progress=False)
     sae2 = SparseAutoencoder(SparseAutoencoderConfig(d_in=32, d_sae=256, k=3))
     with torch.no_grad():
         sae2.b_enc[128:] = -5.0
-    dead = train_sae(sae2, (x[i : i + 512] for i in range(0, len(x) - 511, 512)), SAETrainerConfig(aux_coefficient=0.0, **common))
+    dead = train_sae(sae2, (x[i : i + 512] for i in range(0, len(x) - 511, 512)), SAETrainConfig(aux_coefficient=0.0, **common), progress=False)
     assert dead.history[-1]["dead_fraction"] >= 0.45
     assert revived.history[-1]["dead_fraction"] < dead.history[-1]["dead_fraction"] - 0.2
 

@@ -5,9 +5,18 @@ loads them, and one that asks without the package installed fails before trainin
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from rank1.config import Config, ConfigError, to_dict
+from tqdm import tqdm
+
+from rank1.core.config import Config, ConfigError
+from rank1.core.flags import to_dict
+
+
+def log(message: str) -> None:
+    """The driver's log line, on stderr and clear of progress bars."""
+    tqdm.write(f"[rank1] {message}", file=sys.stderr)
 
 
 class MetricsSink:
@@ -54,12 +63,19 @@ def keep_metrics(path: Path, upto_step: int) -> None:
     """On resume, drop metric rows past the checkpoint: those steps run again."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto_step]
-    path.write_text("".join(r + "\n" for r in rows))
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= upto_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Rows of metrics.jsonl; a line torn by a kill mid-write is left out."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def plot_curve(metrics_path: Path, png: Path, key: str, ylabel: str, title: str) -> None:

@@ -28,21 +28,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rank1.config import AdapterConfig, Config, ConfigError, load_config
-from rank1.model import AdapterCount, ModelError, count_adapters_from_config, load_model_config, parameter_count_from_config
+from rank1.core.commands import PLAN, command_main
+from rank1.core.config import AdapterConfig, Config
+from rank1.core.model import AdapterCount, ModelError, count_adapters_from_config, load_model_config, parameter_count_from_config
+from rank1.trainer.learner import AUTO_ZERO3_SHARE
+from rank1.trainer.optim import ZERO3_PREFETCH_PARAMS
 
 GB = 1e9
 # Advertised device memory in GB (nvidia-smi reports slightly more: 81,559 MiB on an H100 80 GB).
 GPUS = {"h100": 80.0, "h200": 141.0, "a100-80g": 80.0, "a100-40g": 40.0, "l40s": 48.0}
-DEFAULT_GPU = "h100"
 # CUDA context (~0.5-1 GB with kernels loaded), NCCL communicator buffers (~1 GB over 2 nodes),
 # cuBLAS workspaces and caching-allocator fragmentation.
 CUDA_NCCL_OVERHEAD_GB = 3.0
-# rank1.trainer.learner.deepspeed_config sets stage3_prefetch_bucket_size to this many parameters.
-ZERO3_PREFETCH_PARAMS = 5e7
-# rank1.trainer.learner.choose_zero_stage picks ZeRO-3 under 'auto' when the base takes at least
-# this share of one device.
-AUTO_ZERO3_SHARE = 0.5
 
 
 @dataclass
@@ -101,7 +98,7 @@ class MemoryPlan:
     tokens: int  # per micro-batch on one learner
     components: list[Component]
     notes: list[str] = field(default_factory=list)
-    engine_bytes: float = 0.0  # GRPO: one rollout engine's weights (plus overhead), on a device of its own
+    engines: object = None  # rank1.driver.plan_engines.EnginePlan when the objective uses rollout engines
 
     @property
     def total(self) -> float:
@@ -117,7 +114,7 @@ class MemoryPlan:
 
     @property
     def engine_fits(self) -> bool:
-        return self.engine_bytes <= self.device_bytes
+        return self.engines is None or self.engines.fits
 
     @property
     def fits(self) -> bool:
@@ -125,18 +122,19 @@ class MemoryPlan:
 
 
 def resolve_zero_stage(cfg: Config, base_bytes: float, device_bytes: float) -> int:
-    """The stage the learner will use: mirrors rank1.trainer.learner.choose_zero_stage on a GPU."""
+    """The stage the learner will use on a GPU (rank1.trainer.learner.choose_zero_stage's rule)."""
     if cfg.trainer.zero_stage != "auto":
         return int(cfg.trainer.zero_stage)
     return 0 if base_bytes < AUTO_ZERO3_SHARE * device_bytes else 3
 
 
 def sequence_tokens(cfg: Config) -> tuple[int, str]:
-    """Tokens per row a learner trains on: SFT rows are cut at data.max_length, GRPO rollouts at
-    rollout.max_model_len (prompt + completion)."""
-    if cfg.trainer.objective == "grpo":
-        return cfg.rollout.max_model_len, "rollout.max_model_len"
-    return cfg.data.max_length, "data.max_length"
+    """Tokens per row a learner trains on, as the objective bounds them: SFT rows are cut at
+    data.max_length, GRPO rollouts at rollout.max_model_len (prompt + completion)."""
+    from rank1.driver.run import make_objective
+
+    objective = make_objective(cfg)
+    return objective.max_sequence_tokens, {"sft": "data.max_length", "grpo": "rollout.max_model_len"}[objective.name]
 
 
 # Which input each adapted projection reads (Llama/Qwen2 naming); projections reading one tensor share it.
@@ -250,15 +248,12 @@ def plan_memory(cfg: Config, shape: ModelShape, adapter_params: int, device_byte
         plan.notes.append("trainer.device is cpu: this plans one device of the given size as if it were the host")
     if world > 1 and cfg.cluster.gpus_per_learner == 0 and t.device != "cpu":
         plan.notes.append("cluster.gpus_per_learner is 0: Ray will give the learners no GPU (set it to 1)")
-    if t.objective == "grpo":
-        engine_b = 2 if cfg.rollout.dtype == "bfloat16" else 4
-        weights = shape.parameters * engine_b
-        plan.engine_bytes = weights + CUDA_NCCL_OVERHEAD_GB * GB
-        plan.notes.append(
-            f"rollout: each of {cfg.rollout.num_engines} {cfg.rollout.backend} engine(s) holds the base in "
-            f"{cfg.rollout.dtype}: {weights / GB:.1f} GB + {CUDA_NCCL_OVERHEAD_GB:.0f} GB overhead before its KV cache, "
-            "on a device of its own (no tensor parallelism yet)"
-        )
+    from rank1.driver.run import make_objective
+
+    if make_objective(cfg).rollout_engines:
+        from rank1.driver.plan_engines import plan_engines
+
+        plan.engines = plan_engines(cfg, shape, device_bytes, CUDA_NCCL_OVERHEAD_GB * GB)
     return plan
 
 
@@ -279,6 +274,8 @@ def format_plan(plan: MemoryPlan, gpus_per_node: int) -> str:
         f"  {'headroom':<32} {plan.headroom / GB:>10.2f}   ({plan.headroom / plan.device_bytes:+.0%})",
         "",
     ]
+    if plan.engines is not None:
+        lines += plan.engines.lines() + [""]
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
@@ -294,64 +291,11 @@ def refusal(plan: MemoryPlan) -> str:
             "model.gradient_checkpointing true, a smaller trainer.micro_batch_size or sequence length, or a larger GPU"
         )
     if not plan.engine_fits:
-        reasons.append(
-            f"a rollout engine needs {plan.engine_bytes / GB:.1f} GB for the base weights alone, {plan.gpu} has "
-            f"{plan.device_bytes / GB:.0f} GB ({(plan.engine_bytes - plan.device_bytes) / GB:.1f} GB over)"
-        )
+        reasons.append(plan.engines.refusal(plan.gpu))
     return "does not fit: " + "; ".join(reasons) + "."
 
 
 # ---------------------------------------------------------------- command line
-
-USAGE = __doc__.split("\n\n")[0] + "\n\n" + (
-    "  --gpu NAME               one of " + ", ".join(GPUS) + f" (default {DEFAULT_GPU})\n"
-    "  --device-memory-gb N     device memory in GB instead of --gpu\n"
-    "  --gpus-per-node N        GPUs per node, to count nodes (default 8)\n"
-    "  --section.field VALUE    any config override, as for rank1 train"
-)
-
-
-def _take_value(argv: list[str], i: int) -> tuple[str, str, int]:
-    """(flag, value, next index) for '--flag VALUE' or '--flag=VALUE'."""
-    name, eq, inline = argv[i].partition("=")
-    if eq:
-        return name, inline, i + 1
-    if i + 1 >= len(argv):
-        raise ConfigError(f"flag {name} needs a value")
-    return name, argv[i + 1], i + 2
-
-
-def parse_args(argv: list[str]) -> tuple[str, str, float, int, list[str]]:
-    """(recipe, gpu label, device bytes, gpus per node, config overrides)."""
-    if not argv or argv[0].startswith("-"):
-        raise ConfigError("usage: rank1 plan RECIPE.yaml [--gpu NAME | --device-memory-gb N] [--gpus-per-node N] [--section.field VALUE ...]")
-    recipe, rest, overrides = argv[0], argv[1:], []
-    gpu, memory_gb, per_node, i = DEFAULT_GPU, None, 8, 0
-    while i < len(rest):
-        name = rest[i].partition("=")[0]
-        if name not in ("--gpu", "--device-memory-gb", "--gpus-per-node"):
-            overrides.append(rest[i])
-            i += 1
-            continue
-        name, value, i = _take_value(rest, i)
-        if name == "--gpu":
-            gpu = value.lower()
-            if gpu not in GPUS:
-                raise ConfigError(f"--gpu {value}: unknown GPU; known: {', '.join(GPUS)} (or give --device-memory-gb)")
-        else:
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-            if number <= 0 or (name == "--gpus-per-node" and not number.is_integer()):
-                raise ConfigError(f"{name}: expected a positive {'integer' if name == '--gpus-per-node' else 'number'}, got {value!r}")
-            if name == "--device-memory-gb":
-                memory_gb = number
-            else:
-                per_node = int(number)
-    if memory_gb is not None:
-        return recipe, f"a {memory_gb:g} GB device", memory_gb * GB, per_node, overrides
-    return recipe, gpu.upper(), GPUS[gpu] * GB, per_node, overrides
 
 
 def adapter_count(name_or_path: str, adapter: AdapterConfig, trust_remote_code: bool = False) -> AdapterCount:
@@ -363,33 +307,35 @@ def _adapter_count(name_or_path: str, r: int, target_modules: tuple[str, ...], t
     return count_adapters_from_config(name_or_path, AdapterConfig(r=r, target_modules=list(target_modules)), trust_remote_code)
 
 
-def load_recipe(recipe: str, overrides: list[str]) -> Config:
-    if not Path(recipe).is_file():
-        raise ConfigError(f"recipe {recipe}: no such file")
-    return load_config(["--config", recipe, *overrides])
+def device_of(cfg: Config) -> tuple[str, float]:
+    """(label, bytes) of the device plan.gpu or plan.device_memory_gb names."""
+    p = cfg.plan
+    if p.device_memory_gb is not None:
+        return f"a {p.device_memory_gb:g} GB device", p.device_memory_gb * GB
+    return p.gpu.upper(), GPUS[p.gpu] * GB
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    try:
-        recipe, gpu, device_bytes, per_node, overrides = parse_args(argv)
-        cfg = load_recipe(recipe, overrides)
-        shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        adapters = adapter_count(cfg.model.name_or_path, cfg.adapter, cfg.model.trust_remote_code)
-        plan = plan_memory(cfg, shape, adapters.parameters, device_bytes, gpu)
-    except (ConfigError, ModelError, ValueError, OSError) as e:  # bad input: one clear line, no traceback
-        print(f"rank1 plan: error: {e}", file=sys.stderr)
-        return 2
-    print(format_plan(plan, per_node))
-    print(f"  note: {adapters.describe()}")
+def plan_recipe(cfg: Config) -> MemoryPlan:
+    label, device_bytes = device_of(cfg)
+    shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    adapters = adapter_count(cfg.model.name_or_path, cfg.adapter, cfg.model.trust_remote_code)
+    plan = plan_memory(cfg, shape, adapters.parameters, device_bytes, label)
+    plan.notes.append(adapters.describe())
+    return plan
+
+
+def run(cfg: Config) -> int:
+    plan = plan_recipe(cfg)
+    print(format_plan(plan, cfg.plan.gpus_per_node))
     if not plan.fits:
-        print(f"rank1 plan: {recipe}: {refusal(plan)}", file=sys.stderr)
+        print(f"rank1 plan: {cfg.plan.recipe}: {refusal(plan)}", file=sys.stderr)
         return 1
     print(f"\nfits: {plan.total / GB:.1f} of {plan.device_bytes / GB:.0f} GB per device, {plan.headroom / GB:.1f} GB headroom")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command_main(PLAN, list(sys.argv[1:] if argv is None else argv), run, errors=(ModelError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rank1.config import EMBEDDED_DATA, DataConfig
+from rank1.core.config import EMBEDDED_DATA, DataConfig
 
 IGNORE_INDEX = -100
 FORMAT_FIELDS = {
@@ -61,6 +61,30 @@ def arithmetic_rows(n: int, seed: int = 1234) -> list[dict]:
     return rows
 
 
+HELDOUT_SEED = 4321  # the held-out arithmetic problems: another generator seed
+HELDOUT_EXCLUDES = 10_000  # ... minus every question of the first 10,000 training rows (any data.arithmetic_rows up to that)
+
+
+def heldout_arithmetic_rows(n: int, training_rows: int = 0) -> list[dict]:
+    """`n` arithmetic problems none of which is among the first max(training_rows, 10,000) training rows.
+
+    The training set is a prefix of one generated sequence (seed 1234), so excluding its first rows
+    excludes every training set of that size or smaller."""
+    seen = {r["question"] for r in arithmetic_rows(max(training_rows, HELDOUT_EXCLUDES))}
+    rows, rng_rows, drawn = [], [], 0
+    while len(rows) < n:
+        drawn += 4 * n
+        rng_rows = arithmetic_rows(drawn, seed=HELDOUT_SEED)
+        rows, kept = [], set()
+        for r in rng_rows:
+            if r["question"] not in seen and r["question"] not in kept:
+                kept.add(r["question"])
+                rows.append(r)
+            if len(rows) == n:
+                break
+    return rows
+
+
 # ---------------------------------------------------------------- reading rows
 
 
@@ -91,30 +115,48 @@ def _read_file(path: Path) -> list[dict]:
             return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a broken file
             raise DataError(f"{path}: cannot read as Parquet ({e})") from None
-    text = path.read_text(encoding="utf-8", errors="strict")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if path.suffix == ".json" and path.read_bytes().lstrip().startswith(b"["):
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
-        return [_check_object(row, path, i + 1, "row") for i, row in enumerate(rows)]
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{path} row {i + 1}: expected a JSON object, got {type(row).__name__}")
+            row.setdefault("__where__", f"{path} row {i + 1}")
+        return rows
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-        rows.append(_check_object(row, path, lineno, "line"))
+    for lineno, row in read_jsonl(path, DataError):
+        row.setdefault("__where__", f"{path}:{lineno}")
+        rows.append(row)
     return rows
 
 
-def _check_object(row, path: Path, number: int, unit: str) -> dict:
-    if not isinstance(row, dict):
-        raise DataError(f"{path}: {unit} {number}: expected a JSON object, got {type(row).__name__}")
-    row.setdefault("__where__", f"{path}:{number}" if unit == "line" else f"{path} row {number}")
-    return row
+def read_jsonl(path: Path, error: type[Exception] = None) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; a line that is not UTF-8 JSON of an object raises
+    `error` naming file and line (also used by `rank1 grade`)."""
+    error = error or DataError
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    rows = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        where = f"{path}:{number}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise error(f"{where}: expected a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
+    return rows
 
 
 def _read_hub(cfg: DataConfig) -> list[dict]:
@@ -313,7 +355,7 @@ def load_prompt_data(cfg: DataConfig, tokenizer, max_prompt_tokens: int, instruc
                 continue
             raise DataError(
                 f"{where}: the prompt has {len(ids)} tokens, over the limit of {max_prompt_tokens} "
-                "(data.max_length, and rollout.max_model_len - rollout.max_new_tokens for the engines); "
+                "(data.max_length, and rollout.max_model_len - grpo.max_completion_length for the engines); "
                 "raise them or pass --data.overlong drop"
             )
         out.append(PromptRow(ids, gold, where))
@@ -341,18 +383,3 @@ def global_batch(num_examples: int, seed: int, step: int, batch_size: int) -> li
         order = epoch_order(num_examples, seed, epoch)
         indices.extend(order[offset : offset + batch_size - len(indices)])
     return indices
-
-
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-padded tensors: input_ids, attention_mask, labels."""
-    import torch
-
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

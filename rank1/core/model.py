@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from rank1.config import EMBEDDED_MODEL, AdapterConfig, ModelConfig
+from rank1.core.config import EMBEDDED_MODEL, AdapterConfig, ModelConfig
 
 # The public Hub id of the embedded model, written into adapter configs and model cards.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -119,13 +119,17 @@ def load_tokenizer(path: str, cfg: ModelConfig):
     return tokenizer
 
 
-def load_base(path: str, cfg: ModelConfig, dtype):
-    """The frozen base model. Under ZeRO-3 call this while an HfDeepSpeedConfig is alive."""
+def load_base(path: str, cfg: ModelConfig, dtype, device: str = "cpu"):
+    """The frozen base model. Under ZeRO-3 call this while an HfDeepSpeedConfig is alive.
+
+    device "cuda" spreads the layers over every visible GPU (accelerate's device_map="auto"), for
+    reading a 32B base that one GPU cannot hold; training places the model itself (DeepSpeed)."""
     from transformers import AutoModelForCausalLM
 
+    placement = {"device_map": "auto"} if device == "cuda" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            path, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **placement
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"--model {cfg.name_or_path}: cannot load ({e})") from None
@@ -154,10 +158,11 @@ def attach_adapter(model, cfg: AdapterConfig, model_name: str):
     """Wrap `model` in a PEFT model with the rank-1 adapters; the base stays frozen."""
     from peft import PeftModel, get_peft_model
 
+    from rank1.core.adapter_io import check_adapter_folder
+
     check_target_modules(model, cfg, model_name)
     if cfg.init:
-        if not (Path(cfg.init) / "adapter_config.json").is_file():
-            raise ModelError(f"adapter.init {cfg.init}: no adapter_config.json there (not a PEFT adapter folder)")
+        check_adapter_folder(cfg.init, "adapter.init")
         peft_model = PeftModel.from_pretrained(model, cfg.init, is_trainable=True)
     else:
         peft_model = get_peft_model(model, lora_config(cfg))
@@ -244,23 +249,29 @@ def _config_from_json(path: Path):
     return AutoConfig.for_model(model_type, **data)
 
 
-def count_adapters_from_config(name_or_path: str, cfg: AdapterConfig, trust_remote_code: bool = False) -> AdapterCount:
-    """Count without weights: build the architecture on the meta device and walk its linears."""
+def meta_model(config_or_name, trust_remote_code: bool = False):
+    """The architecture on the meta device (names and shapes, no weights) from a config or a model name."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = load_model_config(name_or_path, trust_remote_code)
+    config = load_model_config(config_or_name, trust_remote_code) if isinstance(config_or_name, str) else config_or_name
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """name -> (in_features, out_features) of every nn.Linear (works on meta-device models)."""
+    import torch
+
+    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def count_adapters_from_config(name_or_path: str, cfg: AdapterConfig, trust_remote_code: bool = False) -> AdapterCount:
+    """Count without weights: build the architecture on the meta device and walk its linears."""
+    model = meta_model(name_or_path, trust_remote_code)
     check_target_modules(model, cfg, name_or_path)
     return count_adapters(model, cfg)
 
 
 def parameter_count_from_config(name_or_path: str, trust_remote_code: bool = False) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = load_model_config(name_or_path, trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(name_or_path, trust_remote_code).parameters())

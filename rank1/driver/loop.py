@@ -1,0 +1,122 @@
+"""What every training loop does around its steps, written once: progress, metrics, checkpoints,
+pre-emption, non-finite steps and held-out evaluation.
+
+    loop = StepLoop(run, "sft")
+    for step in loop.steps():
+        record = ...one step...
+        loop.end_step(step, record, loss=record["loss"])
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+from rank1.driver.checkpoints import latest_checkpoint, save_checkpoint
+from rank1.driver.metrics import log
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on SIGTERM/SIGINT after a checkpoint; `--resume` continues
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived: the step in flight finished and a checkpoint was written."""
+
+    def __init__(self, step: int, checkpoint):
+        super().__init__(f"stopped by a signal after step {step}; checkpoint {checkpoint} written; continue with --resume")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a NaN or inf loss or gradient."""
+
+
+class StopSignals:
+    """First SIGTERM/SIGINT: finish the step, checkpoint, stop. A second one: stop at once."""
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (an embedding program): no pre-emption handling
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise SystemExit(128 + signum)
+        self.requested = signum
+        log(f"{signal.Signals(signum).name}: finishing the step in flight, then checkpointing and stopping "
+            "(send it again to stop at once)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class RunState:
+    """What a loop needs of the run: set up by rank1.driver.run.train for each learner-group attempt."""
+
+    cfg: object
+    out: object
+    learners: object
+    sink: object
+    start: int
+    total: int
+    signals: StopSignals
+    evaluate: Callable[[int], dict] | None = None  # held-out accuracy at a step (None: not configured)
+    extra_state: Callable[[], dict] = field(default=lambda: {})  # saved in trainer_state.json
+
+
+class StepLoop:
+    def __init__(self, run: RunState, desc: str):
+        self.run, self.cfg = run, run.cfg
+        self.nonfinite_in_a_row = 0
+        self.bar = tqdm(total=run.total, initial=run.start, desc=desc, unit="step", disable=not self.cfg.logging.progress)
+
+    def steps(self) -> Iterator[int]:
+        try:
+            for step in range(self.run.start, self.run.total):
+                self.began = time.perf_counter()
+                yield step
+        finally:
+            self.bar.close()
+
+    def end_step(self, step: int, record: dict, **postfix) -> None:
+        cfg, t, run = self.cfg, self.cfg.trainer, self.run
+        done = step + 1
+        self._count_nonfinite(done, record)
+        if run.evaluate is not None and cfg.eval.every and done % cfg.eval.every == 0 and done < run.total:
+            record.update(run.evaluate(done))
+        if done % cfg.logging.log_every == 0 or done == run.total:
+            run.sink.write(record)
+        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()})
+        self.bar.update(1)
+        stopping = run.signals.requested is not None and done < run.total
+        if done < run.total and (stopping or (t.checkpoint_every and done % t.checkpoint_every == 0)):
+            checkpoint = save_checkpoint(run.out, done, run.learners, t.keep_checkpoints, run.extra_state())
+            if stopping:
+                raise Preempted(done, checkpoint)
+
+    def _count_nonfinite(self, done: int, record: dict) -> None:
+        if not record.get("nonfinite"):
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        limit = self.cfg.trainer.max_nonfinite_steps
+        log(f"step {done}: the loss or a gradient is NaN or inf; the update was skipped ({self.nonfinite_in_a_row} in a row, "
+            f"trainer.max_nonfinite_steps={limit})")
+        if self.nonfinite_in_a_row >= limit:
+            self.run.sink.write(record)
+            last = latest_checkpoint(self.run.out, report=False)
+            raise NonFiniteError(f"{limit} consecutive steps had a NaN or inf loss or gradient (last at step {done}); the run "
+                                 f"stopped. The adapter never took those updates; the last good checkpoint is {last or 'none'}. "
+                                 "Lower trainer.lr or check the data, then --resume")

@@ -1,0 +1,115 @@
+"""The driver: the one process that owns a training run and knows every role.
+
+    config -> objective -> data -> learner group -> the objective's loop (-> checkpoints) -> final adapter
+
+The objective (SFT or GRPO) is chosen here and only here (`JOBS`); everything after is the same for
+both: the learner group (rank1.core.workers: in this process for one local learner, Ray actors
+otherwise), restarts from the last checkpoint when a learner dies, pre-emption by SIGTERM, the run
+directory, the final adapter and the Hub push.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rank1.core.config import Config
+from rank1.core.model import count_adapters_from_config, load_tokenizer, resolve_model_path
+from rank1.core.workers import LocalGroup, WorkerDied, WorkerGroup, free_port, init_ray, rendezvous_port
+from rank1.driver.checkpoints import latest_checkpoint, prepare_output_dir, restore_point
+from rank1.driver.grpo import GRPOJob
+from rank1.driver.loop import RunState, StopSignals
+from rank1.driver.metrics import MetricsSink, log, plot_curve
+from rank1.driver.sft import SFTJob
+from rank1.export import check_push_ready, push_run
+from rank1.trainer.grpo import GRPOObjective
+from rank1.trainer.learner import Learner, Placement
+from rank1.trainer.sft import SFTObjective
+
+# The driver's choice of objective: the loss object the learners run, and the job that feeds them.
+JOBS = {"sft": (SFTObjective, SFTJob), "grpo": (GRPOObjective, GRPOJob)}
+
+
+def make_objective(cfg: Config):
+    """The objective object for trainer.objective; its own checks (batch split, lengths) run here."""
+    objective_cls, _ = JOBS[cfg.trainer.objective]
+    return objective_cls.from_config(cfg)
+
+
+def uses_ray(cfg: Config) -> bool:
+    return cfg.trainer.num_learners > 1 or bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+
+
+def make_learners(cfg: Config, model_path: str, total_steps: int, objective=None, actor_cls=None):
+    """The learner group: one in this process, or Ray actors in a placement group (actor_cls: --dry-run's probe)."""
+    objective = objective or make_objective(cfg)
+    n = cfg.trainer.num_learners
+    if not uses_ray(cfg) and actor_cls is None:
+        return LocalGroup(Learner, (cfg.model, cfg.adapter, cfg.trainer, objective, model_path,
+                                    Placement(0, 1, "127.0.0.1", free_port()), total_steps, cfg.seed))
+    init_ray(cfg.cluster)
+    port: list[int] = []
+
+    def args(rank: int, ips: list[str]):
+        port or port.append(rendezvous_port(ips[0]))
+        placement = Placement(rank, n, ips[0], port[0], ips[:rank].count(ips[rank]))
+        if actor_cls is not None:
+            return (placement,)
+        return (cfg.model, cfg.adapter, cfg.trainer, objective, model_path, placement, total_steps, cfg.seed)
+
+    group = WorkerGroup(actor_cls or Learner, n, args, num_cpus=cfg.cluster.cpus_per_learner, num_gpus=cfg.cluster.gpus_per_learner,
+                        placement=cfg.cluster.placement, name="learner")
+    if actor_cls is None:
+        log("learners placed " + ", ".join(f"rank {r} on node {node[:12]}" for r, node in enumerate(group.node_ids())))
+    return group
+
+
+def train(cfg: Config) -> Path:
+    """Run one training job; SFT and GRPO share everything but the batch source and the loss."""
+    t = cfg.trainer
+    objective = make_objective(cfg)
+    if t.dry_run:
+        from rank1.driver.placement import dry_run
+
+        return dry_run(cfg, objective)
+    # Everything that can reject the input runs before the run directory is touched.
+    model_path = resolve_model_path(cfg.model)
+    log(f"model {cfg.model.name_or_path}: {count_adapters_from_config(model_path, cfg.adapter, cfg.model.trust_remote_code).describe()}")
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    job = JOBS[objective.name][1](cfg, model_path, tokenizer, objective)
+    log(job.describe())
+    if cfg.export.push_to_hub:
+        check_push_ready(cfg)  # a missing token fails now, not after hours of training
+    out = prepare_output_dir(cfg)
+
+    start = restore_point(out) if t.resume else 0
+    with StopSignals() as signals:
+        try:
+            job.open()
+            for attempt in range(cfg.cluster.max_learner_restarts + 1):
+                learners = make_learners(cfg, model_path, job.optimizer_steps, objective)
+                sink = MetricsSink(cfg, out, start)
+                try:
+                    if start:
+                        checkpoint = latest_checkpoint(out)
+                        learners.call("load_checkpoint", str(checkpoint))
+                        log(f"resumed from {checkpoint} at step {start}")
+                    job.loop(RunState(cfg, out, learners, sink, start, job.total_steps, signals))
+                    learners.call("save_adapter", str(out / "adapter"))
+                    break
+                except WorkerDied as e:
+                    if attempt == cfg.cluster.max_learner_restarts:
+                        raise RuntimeError(f"learners died {attempt + 1} times (cluster.max_learner_restarts={attempt}); last: {e}") from e
+                    start = restore_point(out)
+                    log(f"{e}; restarting the learner group from step {start} (restart {attempt + 1} of {cfg.cluster.max_learner_restarts})")
+                finally:
+                    sink.close()
+                    learners.shutdown()
+        finally:
+            job.close()
+    key, label, png = job.curve
+    plot_curve(out / "metrics.jsonl", out / png, key, label, f"rank1 {objective.name.upper()}")
+    log(f"adapter saved to {out / 'adapter'}")
+    if cfg.export.push_to_hub:
+        log(f"pushed {push_run(out, cfg)} to {cfg.export.push_to_hub}")
+    return out
