@@ -34,6 +34,9 @@ ANSWER_EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0), ExprExtracti
 THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # 1,234,567 -> 1234567; (1,2) untouched
 FINAL_HASHES = re.compile(r"^[ \t]*####[ \t]*(\S[^\n]*)$", re.MULTILINE)  # a GSM8K-style '#### 18' line
 UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+# math-verify's plain-expression regex admits × and ÷, but sympy's parse_expr cannot read them: the
+# expression was dropped and the last number taken instead ("#### 5 × 4" scored 1 against a gold of 4).
+UNICODE_OPERATORS = str.maketrans({"×": "*", "÷": "/"})
 
 
 @dataclass
@@ -105,7 +108,7 @@ def math_reward(completion: str, gold: str, gold_format: str = "auto") -> Grade:
     gold_parsed = _parse_gold(gold, gold_format)
     if not gold_parsed:
         raise GoldError(f"gold answer {gold[:80]!r} could not be parsed as math")
-    answer = parse(answer_region(completion), ANSWER_EXTRACTION, parsing_timeout=None)
+    answer = parse(answer_region(completion).translate(UNICODE_OPERATORS), ANSWER_EXTRACTION, parsing_timeout=None)
     if not answer:
         return Grade(0.0, "")
     if is_numeric_gold(gold, gold_format) and not getattr(answer[0], "is_Number", False):

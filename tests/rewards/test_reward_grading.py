@@ -86,6 +86,45 @@ def test_misbehaving_user_function_scores_0_with_an_error_naming_it(name, messag
     assert r.components == {"math": 1.0, name: 0.0}
 
 
+@pytest.mark.parametrize("name, returned", [
+    ("user_rewards:returns_nan", "float 'nan'"),
+    ("user_rewards:returns_inf", "float 'inf'"),
+    ("user_rewards:returns_none", "NoneType 'None'"),
+    ("user_rewards:returns_text", "str 'yes'"),
+    ("user_rewards:returns_numpy_nan", "float32 'nan'"),
+    ("user_rewards:returns_torch_nan", "Tensor 'tensor(nan)'"),
+], ids=["nan", "+inf", "None", "str", "numpy nan", "torch nan"])
+def test_user_function_returning_no_finite_number_scores_0_with_an_error_naming_it(name, returned):
+    # timeout_s: the torch case imports torch on its first call, which takes seconds on a loaded machine.
+    with GuardedGrader(RewardsConfig(functions=[name], timeout_s=60.0)) as g:
+        r = g.grade("4", r"\boxed{4}")
+    assert (r.reward, r.status, r.function, r.components) == (0.0, "error", name, {name: 0.0}), r
+    assert r.message == f"reward function {name!r} returned {returned}, expected a finite number"
+
+
+# Plain text reaches sympy's parse_expr only through math-verify's expression regex (digits, spaces and
+# + - * / ^ ( ) × ÷; see test_reward_hostile.py). What gets through is read as arithmetic, unevaluated:
+# equal to a LaTeX gold of its value, but not a number, so 0 against a GSM8K gold (see math_reward).
+@pytest.mark.parametrize("gold, completion, reward, extracted", [
+    pytest.param("#### 12", "so\n#### 3*4", 0.0, "3*4", id="product vs gsm8k gold"),
+    pytest.param("12", "so\n#### 3*4", 1.0, "3*4", id="product vs latex gold"),
+    pytest.param("12", "The final answer is 3*4", 1.0, "3*4", id="final answer is"),
+    pytest.param("1024", "so\n#### 2^10", 1.0, "2^10", id="power"),  # ^ is read as a power
+    pytest.param("20", "so\n#### (2+3)*4", 1.0, "(2+3)*4", id="parentheses"),
+    pytest.param(r"\frac72", "so\n#### 7/2", 1.0, "7/2", id="quotient"),
+    pytest.param("#### 12", "so\n#### 12", 1.0, "12", id="number vs gsm8k gold"),
+    # × and ÷ are in math-verify's regex, but parse_expr cannot read them; rank1 rewrites them to * and /.
+    # Before that, the expression was dropped and its last number taken: "5 × 4" scored 1 against 4.
+    pytest.param("12", "so\n#### 3 × 4", 1.0, "3 * 4", id="times sign"),
+    pytest.param("3", "so\n#### 12 ÷ 4", 1.0, "12 / 4", id="division sign"),
+    pytest.param("#### 4", "so\n#### 5 × 4", 0.0, "5 * 4", id="times sign, not its last number, gsm8k"),
+    pytest.param("4", "The final answer is 5 × 4", 0.0, "5 * 4", id="times sign, not its last number, latex"),
+])
+def test_plain_arithmetic_through_the_regex_gate_is_read_as_arithmetic(grader, gold, completion, reward, extracted):
+    r = grader.grade(gold, completion)
+    assert (r.reward, r.status, r.extracted) == (reward, "ok", extracted), r
+
+
 def test_user_function_printing_to_stdout_does_not_break_the_protocol():
     with GuardedGrader(RewardsConfig(functions=["user_rewards:prints_and_scores"])) as g:
         assert [g.grade("1", "x").reward for _ in range(3)] == [1.0, 1.0, 1.0]

@@ -62,3 +62,28 @@ def segfaults(completion: str, gold: str) -> float:
 def opens_with_to(completion: str, gold: str) -> float:
     """Learnable from the first token alone: the GRPO run test's reward (SmolLM2 opens with "To" about 1 time in 5)."""
     return 1.0 if completion.lstrip().startswith("To") else 0.0
+
+
+# Not-a-number results: each must score 0 with status 'error' naming the function (rank1.rewards.registry.call).
+def returns_nan(completion: str, gold: str) -> float:
+    return float("nan")
+
+
+def returns_inf(completion: str, gold: str) -> float:
+    return float("inf")
+
+
+def returns_none(completion: str, gold: str):
+    return None
+
+
+def returns_numpy_nan(completion: str, gold: str):
+    import numpy  # imported here: only the tests that use it pay for it
+
+    return numpy.float32("nan")  # a numbers.Real (numpy registers its floats), but not finite
+
+
+def returns_torch_nan(completion: str, gold: str):
+    import torch  # imported here: only the tests that use it pay for it (seconds)
+
+    return torch.tensor(float("nan"))  # a 0-d tensor, as a reward computed with torch would be
