@@ -19,28 +19,36 @@ from sides import report, run_sides
 
 
 def run_side(side: str, args) -> float:
-    from rank1.core.workers import LocalGroup, RayGroup, free_port, init_ray
     from rank1.core.flags import load_config
-    from rank1.core.data import load_sft_data
-    from rank1.driver import run_steps
     from rank1.core.model import load_tokenizer, resolve_model_path
+    from rank1.core.workers import LocalGroup, WorkerGroup, free_port, init_ray
+    from rank1.driver.loop import RunState, StopSignals
+    from rank1.driver.metrics import MetricsSink
+    from rank1.driver.sft import SFTJob
     from rank1.trainer.learner import Learner, Placement
+    from rank1.trainer.sft import SFTObjective
 
     out = Path(tempfile.mkdtemp())
     cfg = load_config(["--data.arithmetic_rows", "256", "--data.max_length", "256", "--trainer.global_batch_size", str(args.batch),
                        "--trainer.micro_batch_size", str(args.batch), "--max-steps", str(args.steps), "--trainer.checkpoint_every", "0",
-                       "--trainer.zero_stage", "0", "--logging.progress", "false", "--output-dir", str(out),
+                       "--trainer.zero_stage", "0", "--logging.progress", "false", "--output-dir", str(out), "--eval.in_training", "false",
                        "--cluster.cpus_per_learner", str(os.cpu_count()), "--cluster.local_object_store_mb", "256"])
     path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path, cfg.model)
-    data = load_sft_data(cfg.data, tokenizer)
+    objective = SFTObjective.from_config(cfg)
+    job = SFTJob(cfg, path, tokenizer, objective)
+
+    def learner_args(ip: str) -> tuple:
+        return (cfg.model, cfg.adapter, cfg.trainer, objective, path, Placement(0, 1, ip, free_port()), args.steps, cfg.seed)
+
     if side == "direct":
-        group = LocalGroup(Learner, (cfg, path, Placement(0, 1, "127.0.0.1", free_port()), args.steps))
+        group = LocalGroup(Learner, learner_args("127.0.0.1"))
     else:
         init_ray(cfg.cluster)
-        group = RayGroup(Learner, 1, lambda rank, ips: (cfg, path, Placement(0, 1, ips[0], free_port()), args.steps),
-                         num_cpus=cfg.cluster.cpus_per_learner, num_gpus=0)
-    run_steps(cfg, out, group, data.examples, tokenizer.pad_token_id, 0, args.steps)
+        group = WorkerGroup(Learner, 1, lambda rank, ips: learner_args(ips[0]), num_cpus=cfg.cluster.cpus_per_learner, name="learner")
+    sink = MetricsSink(cfg, out, 0)
+    job.loop(RunState(cfg, out, group, sink, 0, args.steps, StopSignals()))
+    sink.close()
     group.shutdown()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
     return sum(r["seconds"] for r in rows) / len(rows)

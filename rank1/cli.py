@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if command in handlers:
             return handlers[command](rest)
         return importlib.import_module(ROLE_COMMANDS[command]).main(rest)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ConfigError, ValueError, OSError, RuntimeError) as e:
         # Our input errors (ConfigError, DataError, ModelError are ValueErrors) end the run with
         # one clear line; anything else is a bug and keeps its traceback.
         print(f"rank1 {command}: error: {e}", file=sys.stderr)

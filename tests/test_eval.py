@@ -42,6 +42,7 @@ def test_bad_eval_input(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+@pytest.mark.slow
 def test_eval_end_to_end_grades_what_it_generated(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK1_DATA_DIR", str(SHARED_DATA))
     out = tmp_path / "eval"
@@ -64,3 +65,39 @@ def test_eval_end_to_end_grades_what_it_generated(tmp_path, monkeypatch):
                 assert grader.grade(r["gold"], s["completion"]).reward == s["reward"]
             # Grading the gold's own final answer as a completion scores 1: golds are read correctly.
             assert grader.grade(r["gold"], r["gold"].split("####")[-1].join(["\\boxed{", "}"])).reward == 1.0
+
+
+def test_eval_prompts_follow_how_the_adapter_was_trained(tokenizer, tmp_path):
+    from rank1.core.flags import load_config
+    from rank1.driver.evaluate import build_eval_set
+
+    def prompt_text(evalset, i=0):
+        return tokenizer.decode(evalset.prompts[i])
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"problem": "What is 6 * 7?", "answer": "42"}) + "\n")
+    cfg = load_config(["--eval.data", str(problems), "--rollout.max_model_len", "4096"])
+    # An s1K-style SFT run was trained on the bare question: its eval prompt is the bare question.
+    s1k_run = load_config(["--data.format", "s1k"])
+    bare = build_eval_set(cfg, tokenizer, s1k_run)
+    assert prompt_text(bare).rstrip().endswith("What is 6 * 7?<|im_end|>\n<|im_start|>assistant") and "step by step" not in prompt_text(bare)
+    # A GRPO run appended its instruction in training: eval appends the same.
+    grpo_run = load_config(["--objective", "grpo", "--grpo.instruction", "Answer in \\boxed{}."])
+    assert "What is 6 * 7? Answer in \\boxed{}." in prompt_text(build_eval_set(cfg, tokenizer, grpo_run))
+    # A base model on a reasoning set: the step-by-step instruction, and reasoning-length generation bounded by the context.
+    base = build_eval_set(cfg, tokenizer)
+    assert "Please reason step by step" in prompt_text(base)
+    assert base.max_new_tokens == 4096 - len(base.prompts[0])
+    assert build_eval_set(load_config(["--eval.data", str(problems), "--rollout.max_model_len", "65536"]), tokenizer).max_new_tokens == 32768
+    assert build_eval_set(load_config(["--eval.data", str(problems), "--eval.prompt", "bare"]), tokenizer).prompts == bare.prompts
+
+
+def test_arithmetic_eval_set_is_held_out():
+    from rank1.core.data import arithmetic_rows, heldout_arithmetic_rows
+
+    heldout = heldout_arithmetic_rows(500, training_rows=2000)
+    assert len(heldout) == 500 and len({r["question"] for r in heldout}) == 500
+    training = {r["question"] for r in arithmetic_rows(10_000)}
+    assert not training & {r["question"] for r in heldout}
+    assert heldout == heldout_arithmetic_rows(500)  # fixed: every run and `rank1 eval` see the same problems
+    assert heldout_arithmetic_rows(200) == heldout[:200]

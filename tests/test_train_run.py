@@ -18,13 +18,14 @@ from safetensors.torch import load_file
 from rank1_testing import REPO, run_rank1
 
 SMALL = ["--data.arithmetic_rows", "32", "--data.max_length", "96", "--trainer.global_batch_size", "4",
-         "--trainer.micro_batch_size", "2", "--trainer.zero_stage", "0", "--logging.progress", "false"]
+         "--trainer.micro_batch_size", "2", "--trainer.zero_stage", "0", "--logging.progress", "false", "--eval.in_training", "false"]
 
 
 def adapter(run: Path, sub: str = "adapter") -> dict:
     return load_file(str(run / sub / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_run_directory_holds_everything(tmp_path):
     out = tmp_path / "run"
     result = run_rank1("train", *SMALL, "--max-steps", "3", "--trainer.checkpoint_every", "2", "--output-dir", str(out))
@@ -56,6 +57,7 @@ def test_run_directory_holds_everything(tmp_path):
     assert again.returncode != 0 and "already holds a run" in again.stderr
 
 
+@pytest.mark.slow
 def test_kill_then_resume_is_bit_identical(tmp_path):
     args = [*SMALL, "--max-steps", "8", "--trainer.checkpoint_every", "2", "--trainer.keep_checkpoints", "5"]
     straight = tmp_path / "straight"
@@ -88,14 +90,27 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_two_learners_over_gloo_equal_one(tmp_path):
-    # 1 learner: 2 micro-batches of 2 rows; 2 learners: 1 micro-batch of 2 rows each.
-    common = [*SMALL, "--trainer.zero_stage", "3", "--max-steps", "2", "--trainer.checkpoint_every", "0",
-              "--cluster.local_num_cpus", "2", "--cluster.local_object_store_mb", "256"]
+def test_zero3_two_learners_over_gloo_equal_one_through_a_preemption(tmp_path):
+    # 1 learner: 2 micro-batches of 2 rows; 2 learners (Ray actors, base sharded): 1 micro-batch of 2 rows each.
+    # The 2-learner run is SIGTERM'd after its first step, checkpoints every rank's shard, stops its actors and resumes.
+    common = [*SMALL, "--trainer.zero_stage", "3", "--max-steps", "3", "--trainer.checkpoint_every", "0",
+              "--cluster.local_num_cpus", "2", "--cluster.local_object_store_mb", "256", "--eval.in_training", "false"]
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = run_rank1("train", *common, "--trainer.num_learners", "1", "--output-dir", str(one))
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run_rank1("train", *common, "--trainer.num_learners", "2", "--output-dir", str(two))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "rank1.cli", "train", *common, "--trainer.num_learners", "2", "--output-dir", str(two)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 900
+    while not (two / "metrics.jsonl").exists() or not (two / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first step"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert len(list((two / "checkpoints").glob("step-*/state/*"))) >= 2  # both ranks' ZeRO-3 shards
+    assert not subprocess.run(["pgrep", "-f", "ray::Learner"], capture_output=True, text=True).stdout.strip()  # actors stopped
+    r2 = run_rank1("train", *common, "--trainer.num_learners", "2", "--output-dir", str(two), "--resume")
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = adapter(one), adapter(two)
     assert sum(t.numel() for t in b.values()) == 305_280  # gathered from both shards, not empty
@@ -104,3 +119,42 @@ def test_zero3_two_learners_over_gloo_equal_one(tmp_path):
     assert max((a[k] - b[k]).abs().max() for k in a) < 1e-5
     lora_b = [k for k in a if "lora_B" in k]
     assert any(a[k].abs().max() > 0 for k in lora_b)  # training moved B away from its zero init
+    assert [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_continued_adapter_keeps_its_own_config(tmp_path, model_path):
+    # An adapter.init folder built with other settings than the adapter section's defaults (2 targets, alpha 8):
+    # the run trains, saves and syncs that adapter's own config, not one rebuilt from the section.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    init = tmp_path / "init"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
+                           LoraConfig(r=1, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(init)
+    out = tmp_path / "run"
+    result = run_rank1("train", *SMALL, "--max-steps", "1", "--adapter.init", str(init), "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"] and saved["lora_alpha"] == 8
+    keys = adapter(out).keys()
+    assert len(keys) == 2 * 2 * 30 and all(("q_proj" in k or "v_proj" in k) for k in keys)
+
+
+@pytest.mark.slow
+def test_held_out_accuracy_at_the_start_and_end_of_a_run(tmp_path):
+    out = tmp_path / "run"
+    result = run_rank1("train", *[a for a in SMALL if a not in ("--eval.in_training", "false")], "--max-steps", "4",
+                       "--eval.heldout_rows", "12", "--eval.max_new_tokens", "24", "--rollout.backend", "transformers",
+                       "--cluster.local_num_cpus", "2", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in rows if "heldout_accuracy" in r]
+    assert [r["step"] for r in evaluated] == [0, 4] and all(r["heldout_problems"] == 12 for r in evaluated)
+    assert all(0 <= r["heldout_accuracy"] <= 1 and r["heldout_ci95"][0] <= r["heldout_accuracy"] <= r["heldout_ci95"][1]
+               for r in evaluated)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["heldout_start"], summary["heldout_end"]) == (evaluated[0]["heldout_accuracy"], evaluated[1]["heldout_accuracy"])
+    assert f"held-out accuracy {100 * summary['heldout_start']:.1f} % -> {100 * summary['heldout_end']:.1f} % (12 problems)" in result.stderr
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]

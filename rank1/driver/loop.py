@@ -83,6 +83,8 @@ class StepLoop:
         self.bar = tqdm(total=run.total, initial=run.start, desc=desc, unit="step", disable=not self.cfg.logging.progress)
 
     def steps(self) -> Iterator[int]:
+        if self.run.evaluate is not None and self.run.start == 0:  # where the run starts from, before any update
+            self.run.sink.write({"step": 0, **self.run.evaluate(0)})
         try:
             for step in range(self.run.start, self.run.total):
                 self.began = time.perf_counter()
@@ -94,7 +96,7 @@ class StepLoop:
         cfg, t, run = self.cfg, self.cfg.trainer, self.run
         done = step + 1
         self._count_nonfinite(done, record)
-        if run.evaluate is not None and cfg.eval.every and done % cfg.eval.every == 0 and done < run.total:
+        if run.evaluate is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == run.total):
             record.update(run.evaluate(done))
         if done % cfg.logging.log_every == 0 or done == run.total:
             run.sink.write(record)

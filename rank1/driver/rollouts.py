@@ -51,6 +51,18 @@ def check_engine_resources(cfg: Config, cluster_gpus: float) -> None:
                           f"tensor-parallel rank; set --rollout.gpus_per_engine 1 (and rollout.tensor_parallel_size)")
 
 
+def push_learner_adapter(engines, learners, probe_ids: list[int], atol: float, version: int,
+                         previous: list[float] | None) -> tuple[float, list[float]]:
+    """The learners' adapter (tensors only) to every engine, proven against the learners' probe and the
+    previous version's; returns (seconds, this version's probe) for the next sync to compare with."""
+    began = time.perf_counter()
+    tensors = learners.call("adapter_tensors")[0]
+    config = learners.call("peft_config")[0]  # the model's own: an adapter.init folder's config, not rebuilt
+    expected = learners.call("sequence_logprobs", probe_ids)[0]
+    engines.push_adapter(tensors, config, version, expected_probe=expected, atol=atol, previous_probe=previous)
+    return time.perf_counter() - began, expected
+
+
 class Rollouts:
     def __init__(self, cfg: Config, model_path: str, data: PromptData, tokenizer):
         import ray
@@ -97,13 +109,8 @@ class Rollouts:
 
     def sync(self, learners, version: int) -> float:
         """Send the learners' adapter (tensors only) to every engine; each proves it serves it."""
-        began = time.perf_counter()
-        tensors = learners.call("adapter_tensors")[0]
-        config = learners.call("peft_config")[0]  # the model's own: an adapter.init folder's config, not rebuilt
-        expected = learners.call("sequence_logprobs", self.probe_ids)[0]
-        self.engines.push_adapter(tensors, config, version, expected_probe=expected, atol=self.atol, previous_probe=self._last_probe)
-        self._last_probe = expected
-        return time.perf_counter() - began
+        seconds, self._last_probe = push_learner_adapter(self.engines, learners, self.probe_ids, self.atol, version, self._last_probe)
+        return seconds
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -10,7 +10,9 @@ directory, the final adapter and the Hub push.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 from rank1.core.config import Config
@@ -19,7 +21,7 @@ from rank1.core.workers import LocalGroup, WorkerDied, WorkerGroup, free_port, i
 from rank1.driver.checkpoints import latest_checkpoint, prepare_output_dir, restore_point
 from rank1.driver.grpo import GRPOJob
 from rank1.driver.loop import RunState, StopSignals
-from rank1.driver.metrics import MetricsSink, log, plot_curve
+from rank1.driver.metrics import MetricsSink, log, plot_curve, read_metrics
 from rank1.driver.sft import SFTJob
 from rank1.export import check_push_ready, push_run
 from rank1.trainer.grpo import GRPOObjective
@@ -78,14 +80,24 @@ def train(cfg: Config) -> Path:
     tokenizer = load_tokenizer(model_path, cfg.model)
     job = JOBS[objective.name][1](cfg, model_path, tokenizer, objective)
     log(job.describe())
+    evalset = None
+    if cfg.eval.in_training:
+        from rank1.driver.evaluate import build_eval_set
+
+        evalset = build_eval_set(cfg, tokenizer, run=cfg)  # its prompts as the run trains (and its errors, before any work)
     if cfg.export.push_to_hub:
         check_push_ready(cfg)  # a missing token fails now, not after hours of training
     out = prepare_output_dir(cfg)
 
     start = restore_point(out) if t.resume else 0
+    began, heldout = time.perf_counter(), None
     with StopSignals() as signals:
         try:
             job.open()
+            if evalset is not None:
+                from rank1.driver.heldout import HeldoutEval
+
+                heldout = HeldoutEval(cfg, model_path, tokenizer, evalset, getattr(job, "rollouts", None))
             for attempt in range(cfg.cluster.max_learner_restarts + 1):
                 learners = make_learners(cfg, model_path, job.optimizer_steps, objective)
                 sink = MetricsSink(cfg, out, start)
@@ -94,7 +106,8 @@ def train(cfg: Config) -> Path:
                         checkpoint = latest_checkpoint(out)
                         learners.call("load_checkpoint", str(checkpoint))
                         log(f"resumed from {checkpoint} at step {start}")
-                    job.loop(RunState(cfg, out, learners, sink, start, job.total_steps, signals))
+                    evaluate = (lambda step, learners=learners: heldout(learners, step)) if heldout else None
+                    job.loop(RunState(cfg, out, learners, sink, start, job.total_steps, signals, evaluate))
                     learners.call("save_adapter", str(out / "adapter"))
                     break
                 except WorkerDied as e:
@@ -106,10 +119,30 @@ def train(cfg: Config) -> Path:
                     sink.close()
                     learners.shutdown()
         finally:
+            if heldout is not None:
+                heldout.close()
             job.close()
     key, label, png = job.curve
+    summary = write_summary(out, objective.name, key, time.perf_counter() - began)
     plot_curve(out / "metrics.jsonl", out / png, key, label, f"rank1 {objective.name.upper()}")
-    log(f"adapter saved to {out / 'adapter'}")
+    accuracy = (f"; held-out accuracy {100 * summary['heldout_start']:.1f} % -> {100 * summary['heldout_end']:.1f} % "
+                f"({summary['heldout_problems']} problems)") if "heldout_start" in summary else ""
+    log(f"adapter saved to {out / 'adapter'}{accuracy}")
     if cfg.export.push_to_hub:
         log(f"pushed {push_run(out, cfg)} to {cfg.export.push_to_hub}")
     return out
+
+
+def write_summary(out: Path, objective: str, key: str, seconds: float) -> dict:
+    """RUN/summary.json: the run's first and last held-out accuracy, its final training metric and wall time."""
+    rows = read_metrics(out / "metrics.jsonl")
+    heldout = [r for r in rows if "heldout_accuracy" in r]
+    trained = [r for r in rows if key in r]
+    summary = {"objective": objective, "steps": max((r["step"] for r in rows), default=0), f"final_{key}": trained[-1][key] if trained else None,
+               "wall_s": round(seconds, 1)}
+    if heldout:
+        summary.update(heldout_start=heldout[0]["heldout_accuracy"], heldout_end=heldout[-1]["heldout_accuracy"],
+                       heldout_start_step=heldout[0]["step"], heldout_end_step=heldout[-1]["step"],
+                       heldout_ci95_end=heldout[-1]["heldout_ci95"], heldout_problems=heldout[-1]["heldout_problems"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

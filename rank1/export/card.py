@@ -55,14 +55,25 @@ def _flatten(prefix: str, value, rows: list[tuple[str, str]]) -> None:
         rows.append((prefix, json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)))
 
 
+def _heldout_section(source: ExportSource) -> str:
+    s = source.run_summary or {}
+    if "heldout_start" not in s:
+        return ""
+    low, high = s["heldout_ci95_end"]
+    return ("## Held-out accuracy during training\n\n"
+            f"Greedy pass@1 on {s['heldout_problems']} held-out problems (never trained on): "
+            f"{100 * s['heldout_start']:.1f} % at step {s['heldout_start_step']} -> {100 * s['heldout_end']:.1f} % at step "
+            f"{s['heldout_end_step']} (95 % interval {100 * low:.1f}-{100 * high:.1f} %).\n\n")
+
+
 def _results_section(source: ExportSource) -> str:
     if not source.eval_summary:
-        return "## Evaluation\n\nNo evaluation results were recorded for this run (`eval/summary.json` is absent).\n"
+        return _heldout_section(source) + "## Evaluation\n\nNo evaluation results were recorded for this run (`eval/summary.json` is absent).\n"
     rows: list[tuple[str, str]] = []
     # `adapter` is the path the evaluation read on the training machine: meaningless (and private) elsewhere.
     _flatten("", {k: v for k, v in source.eval_summary.items() if k != "adapter"}, rows)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"## Evaluation\n\nFrom the run's `eval/summary.json`:\n\n| metric | value |\n|---|---|\n{table}\n"
+    return _heldout_section(source) + f"## Evaluation\n\nFrom the run's `eval/summary.json`:\n\n| metric | value |\n|---|---|\n{table}\n"
 
 
 def _training_section(source: ExportSource, config_yaml: str | None) -> str:

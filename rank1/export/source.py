@@ -26,6 +26,7 @@ class ExportSource:
     adapter_config: dict
     config: object | None  # rank1.core.config.Config of the run
     eval_summary: dict | None  # RUN_DIR/eval/summary.json
+    run_summary: dict | None  # RUN_DIR/summary.json: held-out accuracy at the run's start and end
     final_metrics: dict | None  # last row of metrics.jsonl
 
     @property
@@ -76,6 +77,7 @@ def locate(path: str | Path) -> ExportSource:
         adapter_config=adapter_config,
         config=_read_config(run_dir) if run_dir else None,
         eval_summary=_read_json(run_dir / "eval" / "summary.json") if run_dir else None,
+        run_summary=_read_json(run_dir / "summary.json") if run_dir and step is None else None,
         final_metrics=_last_metrics(run_dir / "metrics.jsonl", step) if run_dir else None,
     )
 

@@ -78,7 +78,7 @@ class RewardPool:
         chunks = [(pairs[start : start + size],) for start in range(0, len(pairs), size)]
         # Every answer has its own timeout inside the actor; a chunk (and the one queued behind it) far
         # past the sum of those is an actor that stopped answering: it is killed, restarted and retried.
-        deadline = CHUNKS_IN_FLIGHT_PER_ACTOR * size * (self.cfg.timeout_s + 1.0) + HANG_SLACK_S
+        deadline = self.cfg.hang_timeout_s or CHUNKS_IN_FLIGHT_PER_ACTOR * size * (self.cfg.timeout_s + 1.0) + HANG_SLACK_S
         try:
             graded = self.group.map("score", chunks, per_worker=CHUNKS_IN_FLIGHT_PER_ACTOR, retries=self.cfg.max_restarts + 1,
                                     timeout_s=deadline, on_result=(lambda t, r: progress(len(r))) if progress else None)

@@ -17,7 +17,7 @@ import os
 from rank1.core.config import ModelConfig, RolloutConfig
 from rank1.core.workers import WorkerDied, WorkerGroup
 from rank1.rollout.engine import AdapterReceipt, Completion, SamplingSpec
-from rank1.rollout.sync import AdapterRefs, push_adapter, put_adapter
+from rank1.rollout.sync import AdapterRefs, check_receipts, push_adapter, put_adapter
 
 
 def make_engine(backend: str, model_path: str, **engine_kwargs):
@@ -35,7 +35,8 @@ def make_engine(backend: str, model_path: str, **engine_kwargs):
 def engine_kwargs(cfg: RolloutConfig, model: ModelConfig | None = None, seed: int = 0) -> dict:
     """The RolloutConfig fields each backend's constructor takes; learner and engines load the same weights."""
     model = model or ModelConfig()
-    common = dict(dtype=cfg.dtype, seed=seed, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    common = dict(dtype=cfg.dtype, seed=seed, revision=model.revision, trust_remote_code=model.trust_remote_code,
+                  adapter_mode=cfg.adapter_mode)
     if cfg.backend == "vllm":
         return dict(common, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, max_num_seqs=cfg.max_num_seqs,
                     tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -92,6 +93,7 @@ class EngineGroup:
                                  gang=tensor_parallel_size, max_restarts=max_restarts, name="rollout engine")
         self.latest: AdapterRefs | None = None
         self._accepted: tuple[list[float], float] = ([], 0.0)
+        self.noise: float | None = None  # engines' distance from the learner's probe at the last accepted sync
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig, model_path: str, seed: int = 0, model: ModelConfig | None = None) -> EngineGroup:
@@ -109,10 +111,13 @@ class EngineGroup:
 
     def push_adapter(self, tensors, peft_config: dict, version: int, expected_probe: list[float] | None = None,
                      atol: float = 1e-3, previous_probe: list[float] | None = None) -> list[AdapterReceipt]:
-        """Send a new adapter version to every engine (one ray.put) and check all of them serve it."""
+        """Send a new adapter version to every engine (one ray.put) and check all of them serve it; with
+        `previous_probe` (the learner's probe of the version before) also that none serves that one."""
+        import ray
+
         self.latest = put_adapter(tensors, peft_config, version)
-        receipts = push_adapter(self.group.workers, self.latest, expected_probe=expected_probe, atol=atol,
-                                previous_probe=previous_probe)
+        receipts = ray.get([a.load_adapter.remote(self.latest.tensors, self.latest.peft_config, version) for a in self.group.workers])
+        self.noise = check_receipts(receipts, version, self.latest.digest, expected_probe, atol, previous_probe, self.noise)
         self._accepted = (receipts[0].probe_logprobs, atol)  # what a restarted engine must reproduce
         return receipts
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rank1.core.model import linear_shapes  # noqa: F401  (re-exported for the backends)
 
 # Scored after every adapter swap. Short (cheap to score) and ordinary text, so every tokenizer
 # splits it into a handful of common tokens whose logprobs move when the adapter moves.

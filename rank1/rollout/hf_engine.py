@@ -4,6 +4,8 @@ A PEFT model generates left-padded batches with `model.generate`; per-token logp
 processed scores (`output_scores`: after temperature and top-p, i.e. the distribution sampled from),
 the same quantity vLLM's processed_logprobs mode reports and the GRPO learner computes. Adapter swaps copy the tensors into the existing LoRA modules with
 `set_peft_model_state_dict`; the model is rebuilt only when the adapter's shape (r, targets) changes.
+In merged mode (adapter_mode "merged", rank1.rollout.merge) there is no PEFT wrapper: each targeted
+linear's weight is rewritten in place as W0 + s·b aᵀ, W0 read from the base's checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from rank1.core.config import ModelConfig
 from rank1.core.logprobs import token_logprobs
 from rank1.core.model import linear_shapes, load_base, load_tokenizer
 from rank1.rollout.engine import Completion, EngineError, RolloutEngine, SamplingSpec
+from rank1.rollout.merge import BaseWeights, merged_weights, parameters_to_send, rank1_deltas
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Fields of LoraConfig.to_dict() that change which modules exist; a change needs a new PEFT wrapper.
@@ -26,10 +29,15 @@ def _shape_of(peft_config: dict) -> tuple:
 
 class HFEngine(RolloutEngine):
     def __init__(self, model_path: str, *, dtype: str = "float32", batch_size: int = 16, max_lora_rank: int = 1, seed: int = 0,
-                 revision: str | None = None, trust_remote_code: bool = False, device: str = "auto"):
+                 revision: str | None = None, trust_remote_code: bool = False, device: str = "auto", adapter_mode: str = "lora"):
         super().__init__()
         if dtype not in _DTYPES:
             raise EngineError(f"transformers dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
+        if adapter_mode not in ("lora", "merged"):
+            raise EngineError(f"adapter_mode: {adapter_mode!r} is not one of lora, merged")
+        self.adapter_mode, self.dtype = adapter_mode, _DTYPES[dtype]
+        self._merged: set[str] = set()  # modules whose weights hold a merged adapter
+        self._base_weights = BaseWeights(model_path) if adapter_mode == "merged" else None
         cfg = ModelConfig(name_or_path=model_path, revision=revision, trust_remote_code=trust_remote_code)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.tokenizer = load_tokenizer(model_path, cfg)
@@ -51,6 +59,8 @@ class HFEngine(RolloutEngine):
         return linear_shapes(self.base)
 
     def _swap_adapter(self, tensors, peft_config, version):
+        if self.adapter_mode == "merged":
+            return self._merge(tensors, peft_config)
         from peft import get_peft_config, get_peft_model, set_peft_model_state_dict
 
         shape = _shape_of(peft_config)
@@ -63,6 +73,16 @@ class HFEngine(RolloutEngine):
             self.model = get_peft_model(self.base, get_peft_config(config)).eval()
             self._shape = shape
         set_peft_model_state_dict(self.model, tensors)
+
+    @torch.no_grad()
+    def _merge(self, tensors, peft_config) -> None:
+        """Every module of this version or the last rebuilt from W0: W0 + s·baᵀ where targeted, W0 where no longer."""
+        deltas = rank1_deltas(tensors, peft_config)
+        names = parameters_to_send(self._base_weights, set(deltas) | self._merged, packed=False)
+        for name, w in merged_weights(self._base_weights, names, deltas, self.dtype):
+            module, _, kind = name.rpartition(".")
+            getattr(self.base.get_submodule(module), kind).copy_(w)
+        self._merged = set(deltas)
 
     # ------------------------------------------------------------ generation and scoring
 

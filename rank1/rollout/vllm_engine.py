@@ -11,6 +11,12 @@ computed under the old adapter).
 vLLM applies PEFT's scaling itself (PEFTHelper: alpha/sqrt(r) when use_rslora, alpha/r otherwise), so
 the config travels unchanged. On CPU the engine core runs in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0): no spawned engine process, so it works in pytest and Ray actors.
+
+In merged mode (rollout.adapter_mode merged) the engine has no LoRA layers at all: every sync rebuilds
+the targeted layers as W0 + s·b aᵀ through vLLM's in-place weight reload (`reload_weights`, the path
+that also re-packs the CPU backend's oneDNN weights), run on each of its workers by `collective_rpc`,
+each reading W0 from the base's checkpoint (rank1.rollout.merge). Generation then runs at the base
+model's speed.
 """
 
 from __future__ import annotations
@@ -65,10 +71,16 @@ class VLLMEngine(RolloutEngine):
         gpu_memory_utilization: float = 0.85,
         enforce_eager: bool | None = None,
         distributed_executor_backend: str | None = None,
+        adapter_mode: str = "lora",
     ):
         super().__init__()
         if dtype not in _DTYPES:
             raise EngineError(f"vllm dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
+        if adapter_mode not in ("lora", "merged"):
+            raise EngineError(f"adapter_mode: {adapter_mode!r} is not one of lora, merged")
+        self.adapter_mode, self.model_path = adapter_mode, model_path
+        lora = adapter_mode == "lora"
+        lora_args = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1, max_cpu_loras=1) if lora else {}
         # Read when the engine is built: a small KV cache (the box is shared) and no engine-core process.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -85,10 +97,6 @@ class VLLMEngine(RolloutEngine):
             revision=revision,
             trust_remote_code=trust_remote_code,
             dtype=dtype,
-            enable_lora=True,
-            max_lora_rank=max_lora_rank,
-            max_loras=1,
-            max_cpu_loras=1,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             # CPU: no graph capture (start-up is already the slow part); GPU: CUDA graphs unless asked otherwise.
@@ -96,6 +104,7 @@ class VLLMEngine(RolloutEngine):
             # The logprob of each sampled token under the distribution it was sampled from (temperature applied).
             logprobs_mode="processed_logprobs",
             seed=seed,
+            **lora_args,
             **gpu_args,
         )
         self.tokenizer = self.llm.get_tokenizer()
@@ -105,6 +114,7 @@ class VLLMEngine(RolloutEngine):
         self._root = _adapter_root()
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._root), True)
         self.last_adapter_bytes = 0
+        self._merged: set[str] = set()  # merged mode: modules whose weights hold the adapter
 
     def close(self) -> None:
         self._cleanup()
@@ -116,6 +126,8 @@ class VLLMEngine(RolloutEngine):
         return linear_shapes(meta_model(self.llm.llm_engine.model_config.hf_config))
 
     def _swap_adapter(self, tensors, peft_config, version):
+        if self.adapter_mode == "merged":
+            return self._merge(tensors, peft_config)
         from vllm.lora.request import LoRARequest
 
         lora_id = self._next_lora_id
@@ -137,6 +149,15 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
         if self._lora.lora_int_id not in engine.list_loras():
             raise RuntimeError(f"vLLM did not keep LoRA id {lora_id} (version {version}) loaded")
+
+    def _merge(self, tensors, peft_config) -> None:
+        from rank1.rollout.merge import BaseWeights, parameters_to_send, rank1_deltas
+
+        deltas = rank1_deltas(tensors, peft_config)
+        names = parameters_to_send(BaseWeights(self.model_path), set(deltas) | self._merged, packed=True)
+        self.llm.collective_rpc(reload_merged, args=(self.model_path, names, deltas, str(self.dtype).removeprefix("torch.")))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._merged = set(deltas)
 
     # ------------------------------------------------------------ generation and scoring
 
@@ -187,3 +208,15 @@ class VLLMEngine(RolloutEngine):
         )
         # prompt_logprobs[0] is None (nothing predicts the first token).
         return [[logprob_of(entries, t) for entries, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outputs, sequences)]
+
+
+def reload_merged(worker, model_path: str, names: list[str], deltas: dict, dtype: str) -> None:
+    """On each vLLM worker: rebuild the named layers as W0 + s·baᵀ from the checkpoint and reload them in place."""
+    import logging
+
+    from rank1.rollout.merge import BaseWeights, merged_weights
+
+    # Layers not in this reload keep their weights; vLLM warns "Failed to load weights" for each of them.
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+    weights = merged_weights(BaseWeights(model_path), names, deltas, getattr(torch, dtype))
+    worker.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)

@@ -201,6 +201,7 @@ def test_connection_dropped_mid_lfs_upload_once(hub, run_dir, tmp_path):
     assert_token_only_in_auth_header(hub, proc, out, tmp_path)
 
 
+@pytest.mark.slow
 def test_connection_dropped_on_every_lfs_upload(hub, run_dir, tmp_path):
     """Slow on purpose (~25 s): huggingface_hub's own backoff for the upload waits 1+2+4+8+8 s and has no knob."""
     hub.drop("upload", times=1000)

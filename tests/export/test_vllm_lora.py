@@ -14,6 +14,8 @@ import torch
 from rank1.export import main
 from tests.export.conftest import PROBE, REPO
 
+pytestmark = pytest.mark.slow  # a vLLM engine in a child process
+
 ATOL = 2e-3  # vLLM's fp32 CPU kernels vs a transformers forward
 
 SERVE = r"""

@@ -105,3 +105,24 @@ def test_malformed_pairs_are_rejected_or_scored_0(pool):
     assert pool.score([]) == []
     result = pool.score([("1", None)])[0]
     assert (result.reward, result.status) == (0.0, "error")
+
+
+@pytest.mark.slow
+def test_blocked_actor_is_detected_restarted_and_its_work_retried(ray_session):
+    # SIGSTOP: the actor process is alive but answers nothing (as a deadlock or a stuck syscall would).
+    import os
+    import signal
+
+    cfg = RewardsConfig(num_workers=2, timeout_s=10.0, functions=["user_rewards:naps"], hang_timeout_s=6.0)  # 0.1 s a pair
+    with RewardPool(cfg) as p:
+        before = p.pids()
+        stopper = threading.Timer(1.0, lambda: os.kill(before[1], signal.SIGSTOP))
+        stopper.start()
+        started = time.monotonic()
+        results = p.score([("1", f"row {i}") for i in range(60)])
+        stopper.join()
+        assert len(results) == 60 and all((r.reward, r.status) == (1.0, "ok") for r in results)
+        assert time.monotonic() - started < 60  # one deadline, not a hang
+        after = p.pids()
+        assert after[0] == before[0] and after[1] != before[1]  # the blocked one was replaced
+        assert p.group.restarts >= 1

@@ -28,6 +28,7 @@ def test_split_evenly():
     assert split_evenly(0, 2) == []
 
 
+@pytest.mark.slow
 def test_killed_engine_is_restarted_and_its_batch_retried(model_path, learner, ray_session):
     cfg = RolloutConfig(backend="transformers", num_engines=2, max_restarts=1)
     group = EngineGroup.from_config(cfg, model_path)
@@ -79,3 +80,32 @@ def test_unknown_backend_is_named(model_path, ray_session):
         from rank1.rollout.actors import make_engine
 
         make_engine("tgi", model_path)
+
+
+@pytest.mark.slow
+def test_blocked_engine_is_detected_restarted_and_its_batch_retried(model_path, learner, ray_session):
+    # SIGSTOP: alive but not answering. Past rollout.timeout_s the group kills it; Ray restarts it, the
+    # latest adapter is reloaded (and proven) and the shard it held runs again: no completion is lost.
+    cfg = RolloutConfig(backend="transformers", num_engines=2, max_restarts=1, timeout_s=20.0)
+    group = EngineGroup.from_config(cfg, model_path)
+    try:
+        learner.randomize(seed=23)
+        tensors, config = learner.adapter()
+        group.push_adapter(tensors, config, 1, expected_probe=None, atol=ATOL)
+        pids = group.pids()
+        prompts = [learner.chat_prompt(f"Write a short story about the number {i}.") for i in range(8)]
+        result: dict = {}
+        worker = threading.Thread(target=lambda: result.update(out=group.generate(prompts, SamplingSpec(max_new_tokens=40, seed=0))))
+        worker.start()
+        time.sleep(3.0)
+        assert worker.is_alive(), "the batch finished before the engine was stopped; make it longer"
+        os.kill(pids[0], signal.SIGSTOP)
+        worker.join(timeout=600)
+        assert not worker.is_alive()
+        assert sorted(c.prompt_index for c in result["out"]) == list(range(8))
+        assert group.restarts_seen == 1 and group.pids()[0] != pids[0] and group.versions() == [1, 1]
+        for c in result["out"][:4]:  # the retried shard: sampled from the adapter, not the base model
+            full = learner.logprobs(prompts[c.prompt_index] + c.token_ids)
+            assert max_diff(c.logprobs, full[len(prompts[c.prompt_index]) - 1 :]) < ATOL
+    finally:
+        group.shutdown()

@@ -17,6 +17,8 @@ from rank1.rollout.engine import AdapterError, EngineError, SamplingSpec, probe_
 
 from .conftest import max_diff, run_sync_scenario
 
+pytestmark = pytest.mark.slow  # a vLLM engine actor (about 20 s to start)
+
 ATOL = 2e-3  # vLLM's CPU kernels (fp32) vs a plain transformers forward; observed ~5e-5
 
 
@@ -95,3 +97,44 @@ def test_vllm_applies_the_configs_lora_scaling(group, learner):
     assert max_diff(ray.get(group.actors[0].score.remote([probe]))[0], reference) < ATOL
     group.push_adapter(tensors, config, 52)
     assert max_diff(ray.get(group.actors[0].score.remote([probe]))[0], reference) > 50 * ATOL
+
+
+def test_logprobs_are_those_of_the_tempered_distribution(group, learner):
+    """At temperature 0.7 vLLM reports processed logprobs, log softmax(logits / 0.7), what the GRPO learner computes."""
+    learner.randomize(seed=17)
+    tensors, config = learner.adapter()
+    group.push_adapter(tensors, config, 60)
+    prompts = [learner.chat_prompt("Name three rivers.")]
+    completions = group.generate(prompts, SamplingSpec(n=2, max_new_tokens=8, temperature=0.7, seed=5))
+    for c in completions:
+        sequence = prompts[0] + c.token_ids
+        tempered = learner.logprobs(sequence, temperature=0.7)[len(prompts[0]) - 1 :]
+        raw = learner.logprobs(sequence)[len(prompts[0]) - 1 :]
+        assert max_diff(c.logprobs, tempered) < ATOL
+        assert max_diff(c.logprobs, raw) > 50 * ATOL  # and not the raw ones the engine used to report
+
+
+@pytest.mark.slow
+def test_vllm_engine_killed_mid_generate_loses_no_sample(group, learner):
+    import os
+    import signal
+    import threading
+
+    learner.randomize(seed=19)
+    tensors, config = learner.adapter()
+    group.push_adapter(tensors, config, 70, expected_probe=learner.logprobs(probe_token_ids(learner.tokenizer)), atol=ATOL)
+    prompts = [learner.chat_prompt(f"Tell a long story about the number {i}.") for i in range(8)]
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(out=group.generate(prompts, SamplingSpec(n=2, max_new_tokens=96, seed=1))))
+    pid = group.pids()[0]
+    worker.start()
+    time.sleep(2.0)
+    assert worker.is_alive(), "generation finished before the kill; make it longer"
+    os.kill(pid, signal.SIGKILL)
+    worker.join(timeout=900)
+    completions = result["out"]
+    assert sorted(c.prompt_index for c in completions) == sorted(list(range(8)) * 2)  # every sample of every prompt
+    assert group.pids()[0] != pid and group.versions() == [70]
+    for c in completions[:3]:  # regenerated after the restart, from the adapter it was given back
+        full = learner.logprobs(prompts[c.prompt_index] + c.token_ids)
+        assert max_diff(c.logprobs, full[len(prompts[c.prompt_index]) - 1 :]) < ATOL

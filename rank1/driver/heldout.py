@@ -1,0 +1,52 @@
+"""Held-out accuracy inside `rank1 train` (eval section): pass@1 on problems the run never trains on, at
+the start, every eval.every steps and at the end, in metrics.jsonl, the run's summary.json and its log.
+
+The engines serve the learners' current adapter (a GRPO run's own engines, already in sync; an SFT run
+starts one engine group for this) and the reward pool grades correctness alone; the prompts follow how
+the run trains (rank1.driver.evaluate.build_eval_set with the run's own config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rank1.core.workers import init_ray
+from rank1.driver.evaluate import score_eval_set
+from rank1.driver.metrics import log
+from rank1.driver.rollouts import push_learner_adapter
+from rank1.rewards.pool import RewardPool
+from rank1.rollout.actors import EngineGroup
+from rank1.rollout.engine import probe_token_ids
+
+
+class HeldoutEval:
+    def __init__(self, cfg, model_path: str, tokenizer, evalset, rollouts=None):
+        self.cfg, self.rollouts, self.evalset = cfg, rollouts, evalset
+        init_ray(cfg.cluster)
+        # A GRPO run's engines already serve the learners' adapter after every sync; an SFT run needs its own.
+        self.engines = rollouts.engines if rollouts is not None else EngineGroup.from_config(cfg.rollout, model_path, cfg.seed, cfg.model)
+        self.probe_ids, self.last_probe = probe_token_ids(tokenizer), None
+        try:
+            self.rewards = RewardPool(dataclasses.replace(cfg.rewards, functions=["math"], gold_format=self.evalset.gold_format))
+        except BaseException:
+            self.close()
+            raise
+
+    def __call__(self, learners, step: int) -> dict:
+        from rank1.driver.rollouts import probe_tolerance
+
+        # Every evaluation proves the engines serve the learners' adapter as it is now (for a GRPO run's
+        # engines that is the version they already hold: the push costs a probe, not a change).
+        _, self.last_probe = push_learner_adapter(self.engines, learners, self.probe_ids, probe_tolerance(self.cfg),
+                                                  version=step, previous=self.last_probe)
+        _, summary = score_eval_set(self.engines, self.rewards, self.evalset, self.cfg, progress=False)
+        low, high = summary["pass@1_ci95"]
+        log(f"held-out {self.evalset.name} accuracy at step {step}: {100 * summary['pass@1']:.1f} % "
+            f"({summary['correct']:.0f}/{summary['problems']}, 95 % interval {100 * low:.1f}-{100 * high:.1f} %)")
+        return {"heldout_accuracy": summary["pass@1"], "heldout_ci95": summary["pass@1_ci95"], "heldout_problems": summary["problems"]}
+
+    def close(self) -> None:
+        if self.rollouts is None and getattr(self, "engines", None) is not None:
+            self.engines.shutdown()
+        if getattr(self, "rewards", None) is not None:
+            self.rewards.close()
