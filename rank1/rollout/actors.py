@@ -45,7 +45,11 @@ def engine_kwargs(cfg: RolloutConfig, model: ModelConfig | None = None, seed: in
 
 
 class EngineActor:
-    def __init__(self, backend: str, model_path: str, engine_kwargs: dict):
+    def __init__(self, backend: str, model_path: str, engine_kwargs: dict, threads: int | None = None):
+        import torch
+
+        # Before vLLM starts: its CPU worker forbids changing the thread count afterwards.
+        torch.set_num_threads(threads or os.cpu_count() or 1)
         self.engine = make_engine(backend, model_path, **engine_kwargs)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Completion]:
@@ -83,12 +87,13 @@ def split_evenly(n_items: int, n_parts: int) -> list[range]:
 class EngineGroup:
     def __init__(self, backend: str, model_path: str, num_engines: int = 1, engine_kwargs: dict | None = None, *,
                  max_restarts: int = 2, max_batch_retries: int = 2, num_cpus_per_engine: float = 1.0,
-                 num_gpus_per_engine: float = 0.0, tensor_parallel_size: int = 1, timeout_s: float | None = None):
+                 num_gpus_per_engine: float = 0.0, tensor_parallel_size: int = 1, timeout_s: float | None = None,
+                 threads: int | None = None):
         kwargs = dict(engine_kwargs or {})
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"  # vLLM's workers take the placement group's GPU bundles
         self.max_batch_retries, self.timeout_s = max_batch_retries, timeout_s
-        self.group = WorkerGroup(EngineActor, num_engines, lambda i, ips: (backend, model_path, kwargs),
+        self.group = WorkerGroup(EngineActor, num_engines, lambda i, ips: (backend, model_path, kwargs, threads),
                                  num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine, placement=None,
                                  gang=tensor_parallel_size, max_restarts=max_restarts, name="rollout engine")
         self.latest: AdapterRefs | None = None
@@ -99,7 +104,7 @@ class EngineGroup:
     def from_config(cls, cfg: RolloutConfig, model_path: str, seed: int = 0, model: ModelConfig | None = None) -> EngineGroup:
         return cls(cfg.backend, model_path, cfg.num_engines, engine_kwargs(cfg, model, seed), max_restarts=cfg.max_restarts,
                    num_cpus_per_engine=cfg.cpus_per_engine, num_gpus_per_engine=cfg.gpus_per_engine,
-                   tensor_parallel_size=cfg.tensor_parallel_size, timeout_s=cfg.timeout_s)
+                   tensor_parallel_size=cfg.tensor_parallel_size, timeout_s=cfg.timeout_s, threads=cfg.threads_per_engine)
 
     @property
     def restarts_seen(self) -> int:

@@ -45,6 +45,7 @@ class SamplingSpec:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's end-of-sequence tokens
+    ignore_eos: bool = False  # generate max_new_tokens whatever is sampled (benchmarks: equal work on every side)
 
     def __post_init__(self):
         if self.n < 1:

@@ -97,7 +97,7 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def _generate(self, prompts, sampling: SamplingSpec):
-        stop = set(self.eos_ids) | set(sampling.stop_token_ids)
+        stop = set() if sampling.ignore_eos else set(self.eos_ids) | set(sampling.stop_token_ids)
         torch.manual_seed(self.seed if sampling.seed is None else sampling.seed)
         completions = []
         for start in range(0, len(prompts), self.batch_size):
@@ -113,7 +113,8 @@ class HFEngine(RolloutEngine):
                 top_p=sampling.top_p if sample else None,
                 top_k=0 if sample else None,  # transformers defaults to top_k=50; vLLM samples without top-k
                 num_return_sequences=sampling.n,
-                eos_token_id=sorted(stop),
+                eos_token_id=sorted(stop or self.eos_ids),
+                min_new_tokens=sampling.max_new_tokens if sampling.ignore_eos else None,  # EOS suppressed until the end
                 pad_token_id=self.pad_id,
                 output_scores=True,
                 return_dict_in_generate=True,

@@ -57,6 +57,12 @@ class BaseWeights:
 
 def rank1_deltas(tensors: dict[str, torch.Tensor], peft_config: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """module name -> (A (r, in), B (out, r), scale) from PEFT state-dict keys."""
+    from rank1.rollout.engine import AdapterError
+
+    for key, plain in (("use_dora", False), ("bias", "none")):
+        if peft_config.get(key, plain) not in (plain, None):
+            raise AdapterError(f"peft_config[{key!r}]: {peft_config[key]!r}; merged mode serves plain LoRA (W0 + s·BA) only: "
+                               "use rollout.adapter_mode lora")
     scale = adapter_scale(peft_config)
     deltas: dict[str, list] = {}
     for key, t in tensors.items():

@@ -171,6 +171,7 @@ class VLLMEngine(RolloutEngine):
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop_token_ids=list(sampling.stop_token_ids),
+            ignore_eos=sampling.ignore_eos,
             logprobs=0,  # only the sampled token's logprob (processed: after temperature and top-p)
         )
 

@@ -118,15 +118,19 @@ def target_positions(completion_mask: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logprobs(model, batch: dict, keep: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
-    """log p_T(token t+1 | ..t) at positions `keep`, shape (B, len(keep)); and the entropy there if asked."""
+    """log p_T(token t+1 | ..t) at positions `keep`, shape (B, len(keep)); and the entropy there if asked.
+
+    One log-softmax over the vocabulary serves both: at a few thousand positions × 49k tokens it is the
+    largest tensor of the step (measured: a second one cost ~1.2 s of a 13 s learning step)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     targets = batch["input_ids"][:, keep + 1]
-    logprobs = token_logprobs(logits, targets, temperature)
     if not with_entropy:
-        return logprobs, None
-    log_probs = (logits.float() / temperature).log_softmax(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return logprobs, entropy.detach()
+        return token_logprobs(logits, targets, temperature), None
+    logits = logits.float()
+    log_probs = (logits / temperature if temperature != 1.0 else logits).log_softmax(-1)
+    with torch.no_grad():  # a metric: no graph kept for it
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
 
 
 # ---------------------------------------------------------------- the loss

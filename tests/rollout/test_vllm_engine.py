@@ -28,7 +28,7 @@ def group(model_path, ray_session):
     from rank1.rollout.actors import EngineGroup
 
     start = time.perf_counter()
-    group = EngineGroup.from_config(RolloutConfig(backend="vllm", num_engines=1, max_model_len=512), model_path)
+    group = EngineGroup.from_config(RolloutConfig(backend="vllm", num_engines=1, max_model_len=512, adapter_mode="lora"), model_path)
     assert group.versions() == [-1]
     print(f"\nvLLM engine actor start-up: {time.perf_counter() - start:.1f}s")
     pid = group.pids()[0]
