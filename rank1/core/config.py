@@ -103,6 +103,7 @@ class RolloutConfig:
     # lora: vLLM's LoRA path (serves several adapters at once); merged: W0 + s·b·aᵀ rebuilt in the weights
     # each sync from the adapter vectors, served at the base model's speed (rank1.rollout.merge)
     adapter_mode: Literal["lora", "merged"] = "merged"
+    max_adapters: int = knob(1, gt=0)  # adapters an engine serves at once (LoRA mode): a GRPO sweep's runs, one slot each
     kv_cache_gb: int = knob(1, gt=0)  # vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE), whole GiB
     max_num_seqs: int = knob(64, gt=0)  # vLLM scheduler: sequences decoded together
     cpus_per_engine: float = knob(1.0, ge=0)  # what Ray reserves for an engine actor
@@ -237,6 +238,14 @@ class PlanConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`rank1 sweep`: runs over one base (axes are comma lists on train flags, e.g. --trainer.lr 1e-4,3e-4)."""
+
+    runs: str | None = None  # a YAML list of override mappings instead of axes, e.g. [{trainer.lr: 1e-4, seed: 1}]
+    max_runs: int = knob(16, gt=0)  # a sweep larger than this is refused (each run is an adapter in every learner)
+
+
+@dataclass
 class SAECollectConfig:
     """`rank1 sae collect`: documents come from the data section, the base from the model section."""
 
@@ -347,6 +356,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     grade: GradeConfig = field(default_factory=GradeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     seed: int = 0
 

@@ -208,7 +208,7 @@ def _read_yaml(cfg: Config, config_file: str) -> None:
     apply_mapping(cfg, mapping or {}, source=str(config_file))
 
 
-def _flag_tables(command: Command | None) -> tuple[dict[str, str], dict[str, tuple[str, Any]]]:
+def flag_tables(command: Command | None) -> tuple[dict[str, str], dict[str, tuple[str, Any]]]:
     flags, switches = dict(SHORT_FLAGS), dict(SWITCHES)
     if command is not None:
         if command.section:
@@ -240,7 +240,7 @@ def _parse_raw(raw: str, tp: Any) -> Any:
 
 def parse_command(command: Command | None, argv: list[str], *, check: bool = True) -> Config:
     """argv of one command -> the resolved, checked config tree. --config files apply first, then flags in order."""
-    flags, switches = _flag_tables(command)
+    flags, switches = flag_tables(command)
     cfg, assignments, positionals, config_files, i = Config(), [], [], [], 0
     argv = list(argv)
     while i < len(argv):
@@ -284,9 +284,9 @@ def parse_command(command: Command | None, argv: list[str], *, check: bool = Tru
             set_value(cfg, key, _parse_raw(value, tp) if is_text else value)
         except ConfigError as e:
             raise ConfigError(f"flag {flag}: {e}") from None
-    if cfg.logging.output_dir is None and command is not None and command.name == "train":
+    if cfg.logging.output_dir is None and command is not None and command.name in ("train", "sweep"):
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg.logging.output_dir = f"runs/{cfg.trainer.objective}-{stamp}"
+        cfg.logging.output_dir = f"runs/{'sweep' if command.name == 'sweep' else cfg.trainer.objective}-{stamp}"
     if check:
         try:
             validate(cfg)
@@ -305,7 +305,7 @@ def usage(command: Command) -> str:
     """`rank1 COMMAND --help`: the positionals, the command's own flags with defaults, and the rule for the rest."""
     lines = [f"rank1 {command.name} {' '.join(k.rsplit('.', 1)[-1].upper() for k in command.positionals)} [flags]".rstrip(),
              "", command.summary, ""]
-    flags, switches = _flag_tables(command)
+    flags, switches = flag_tables(command)
     defaults = Config()
     shown = {k: v for k, v in flags.items() if k not in SHORT_FLAGS or v.startswith(command.section or "\0")}
     shown.update({k: v for k, v in command.flags.items()})

@@ -52,14 +52,16 @@ def check_engine_resources(cfg: Config, cluster_gpus: float) -> None:
 
 
 def push_learner_adapter(engines, learners, probe_ids: list[int], atol: float, version: int,
-                         previous: list[float] | None) -> tuple[float, list[float]]:
+                         previous: list[float] | None, run: int | None = None) -> tuple[float, list[float]]:
     """The learners' adapter (tensors only) to every engine, proven against the learners' probe and the
-    previous version's; returns (seconds, this version's probe) for the next sync to compare with."""
+    previous version's; returns (seconds, this version's probe) for the next sync to compare with.
+    A sweep's `run` goes to engine slot `run`."""
     began = time.perf_counter()
-    tensors = learners.call("adapter_tensors")[0]
-    config = learners.call("peft_config")[0]  # the model's own: an adapter.init folder's config, not rebuilt
-    expected = learners.call("sequence_logprobs", probe_ids)[0]
-    engines.push_adapter(tensors, config, version, expected_probe=expected, atol=atol, previous_probe=previous)
+    which = () if run is None else (run,)
+    tensors = learners.call("adapter_tensors", *which)[0]
+    config = learners.call("peft_config", *which)[0]  # the model's own: an adapter.init folder's config, not rebuilt
+    expected = learners.call("sequence_logprobs", probe_ids, 1.0, *which)[0]
+    engines.push_adapter(tensors, config, version, expected_probe=expected, atol=atol, previous_probe=previous, slot=run or 0)
     return time.perf_counter() - began, expected
 
 

@@ -36,7 +36,7 @@ def engine_kwargs(cfg: RolloutConfig, model: ModelConfig | None = None, seed: in
     """The RolloutConfig fields each backend's constructor takes; learner and engines load the same weights."""
     model = model or ModelConfig()
     common = dict(dtype=cfg.dtype, seed=seed, revision=model.revision, trust_remote_code=model.trust_remote_code,
-                  adapter_mode=cfg.adapter_mode)
+                  adapter_mode=cfg.adapter_mode, max_adapters=cfg.max_adapters)
     if cfg.backend == "vllm":
         return dict(common, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, max_num_seqs=cfg.max_num_seqs,
                     tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -52,17 +52,17 @@ class EngineActor:
         torch.set_num_threads(threads or os.cpu_count() or 1)
         self.engine = make_engine(backend, model_path, **engine_kwargs)
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Completion]:
-        return self.engine.generate(prompts, sampling)
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec, slots: list[int] | None = None) -> list[Completion]:
+        return self.engine.generate(prompts, sampling, slots)
 
-    def score(self, sequences: list[list[int]]) -> list[list[float]]:
-        return self.engine.score(sequences)
+    def score(self, sequences: list[list[int]], slot: int = 0) -> list[list[float]]:
+        return self.engine.score(sequences, slot)
 
-    def load_adapter(self, tensors, peft_config: dict, version: int) -> AdapterReceipt:
-        return self.engine.load_adapter(tensors, peft_config, version)
+    def load_adapter(self, tensors, peft_config: dict, version: int, slot: int = 0) -> AdapterReceipt:
+        return self.engine.load_adapter(tensors, peft_config, version, slot)
 
-    def version(self) -> int:
-        return self.engine.version()
+    def version(self, slot: int = 0) -> int:
+        return self.engine.version(slot)
 
     def pid(self) -> int:
         return os.getpid()
@@ -96,9 +96,9 @@ class EngineGroup:
         self.group = WorkerGroup(EngineActor, num_engines, lambda i, ips: (backend, model_path, kwargs, threads),
                                  num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine, placement=None,
                                  gang=tensor_parallel_size, max_restarts=max_restarts, name="rollout engine")
-        self.latest: AdapterRefs | None = None
-        self._accepted: tuple[list[float], float] = ([], 0.0)
-        self.noise: float | None = None  # engines' distance from the learner's probe at the last accepted sync
+        self.latest: dict[int, AdapterRefs] = {}  # slot -> the adapter it serves (an object-store ref)
+        self._accepted: dict[int, tuple[list[float], float]] = {}  # slot -> what a restarted engine must reproduce
+        self.noises: dict[int, float] = {}  # slot -> engines' distance from the learner's probe at the last accepted sync
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig, model_path: str, seed: int = 0, model: ModelConfig | None = None) -> EngineGroup:
@@ -114,22 +114,27 @@ class EngineGroup:
     def actors(self) -> list:
         return self.group.workers
 
+    @property
+    def noise(self) -> float | None:
+        return self.noises.get(0)
+
     def push_adapter(self, tensors, peft_config: dict, version: int, expected_probe: list[float] | None = None,
-                     atol: float = 1e-3, previous_probe: list[float] | None = None) -> list[AdapterReceipt]:
-        """Send a new adapter version to every engine (one ray.put) and check all of them serve it; with
+                     atol: float = 1e-3, previous_probe: list[float] | None = None, slot: int = 0) -> list[AdapterReceipt]:
+        """Send a new adapter version to every engine's `slot` (one ray.put) and check all of them serve it; with
         `previous_probe` (the learner's probe of the version before) also that none serves that one."""
         import ray
 
-        self.latest = put_adapter(tensors, peft_config, version)
-        receipts = ray.get([a.load_adapter.remote(self.latest.tensors, self.latest.peft_config, version) for a in self.group.workers])
-        self.noise = check_receipts(receipts, version, self.latest.digest, expected_probe, atol, previous_probe, self.noise)
-        self._accepted = (receipts[0].probe_logprobs, atol)  # what a restarted engine must reproduce
+        refs = self.latest[slot] = put_adapter(tensors, peft_config, version)
+        receipts = ray.get([a.load_adapter.remote(refs.tensors, refs.peft_config, version, slot) for a in self.group.workers])
+        self.noises[slot] = check_receipts(receipts, version, refs.digest, expected_probe, atol, previous_probe, self.noises.get(slot))
+        self._accepted[slot] = (receipts[0].probe_logprobs, atol)
         return receipts
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec, slots: list[int] | None = None) -> list[Completion]:
         shards = split_evenly(len(prompts), self.group.size)
+        slots = [0] * len(prompts) if slots is None else slots
         try:
-            results = self.group.map("generate", [([prompts[j] for j in shard], sampling) for shard in shards],
+            results = self.group.map("generate", [([prompts[j] for j in shard], sampling, [slots[j] for j in shard]) for shard in shards],
                                      retries=self.max_batch_retries, timeout_s=self.timeout_s, on_restart=self._restore)
         except WorkerDied as e:
             raise RuntimeError(str(e)) from e
@@ -141,13 +146,13 @@ class EngineGroup:
         return out
 
     def _restore(self, index: int) -> None:
-        """A restarted engine gets the latest adapter again, proven like every other sync."""
-        if self.latest is not None:
-            probe, atol = self._accepted
-            push_adapter([self.group.workers[index]], self.latest, expected_probe=probe, atol=atol)
+        """A restarted engine gets the latest adapter of every slot again, proven like every other sync."""
+        for slot, refs in sorted(self.latest.items()):
+            probe, atol = self._accepted[slot]
+            push_adapter([self.group.workers[index]], refs, expected_probe=probe, atol=atol, slot=slot)
 
-    def versions(self) -> list[int]:
-        return self.group.call("version")
+    def versions(self, slot: int = 0) -> list[int]:
+        return self.group.call("version", slot)
 
     def pids(self) -> list[int]:
         return self.group.pids()

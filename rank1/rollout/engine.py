@@ -149,57 +149,64 @@ def logprob_of(logprob_entries: dict, token_id: int) -> float:
 
 
 class RolloutEngine(ABC):
-    """Base model + one swappable adapter. Subclasses implement the four backend hooks."""
+    """Base model + swappable adapters in `max_adapters` slots (one, except for `rank1 sweep`, which serves
+    every run from its own slot). Subclasses implement the four backend hooks."""
 
     max_lora_rank: int = 1
+    max_adapters: int = 1
     vocab_size: int
     tokenizer: object  # a transformers tokenizer
 
     def __init__(self):
-        self._version = -1  # no adapter yet: the engine serves the base model
+        self._versions: dict[int, int] = {}  # slot -> served version; none yet: the engine serves the base model
         self._probe: list[int] | None = None
         self._linears: dict[str, tuple[int, int]] | None = None
 
     # ------------------------------------------------------------ backend hooks
 
     @abstractmethod
-    def _generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Completion]: ...
+    def _generate(self, prompts: list[list[int]], sampling: SamplingSpec, slots: list[int]) -> list[Completion]: ...
 
     @abstractmethod
-    def _score(self, sequences: list[list[int]]) -> list[list[float]]: ...
+    def _score(self, sequences: list[list[int]], slot: int) -> list[list[float]]: ...
 
     @abstractmethod
     def _linear_shapes(self) -> dict[str, tuple[int, int]]: ...
 
     @abstractmethod
-    def _swap_adapter(self, tensors: dict[str, torch.Tensor], peft_config: dict, version: int) -> None: ...
+    def _swap_adapter(self, tensors: dict[str, torch.Tensor], peft_config: dict, version: int, slot: int) -> None: ...
 
     # ------------------------------------------------------------ public interface
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Completion]:
-        """Completions for every prompt, `sampling.n` each, ordered by prompt_index."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec, slots: list[int] | None = None) -> list[Completion]:
+        """Completions for every prompt, `sampling.n` each, ordered by prompt_index; prompt i from slots[i]'s adapter."""
         self._check_token_lists(prompts, "prompt")
-        return self._generate(prompts, sampling) if prompts else []
+        slots = [0] * len(prompts) if slots is None else list(slots)
+        if len(slots) != len(prompts) or any(not 0 <= s < self.max_adapters for s in slots):
+            raise EngineError(f"slots: expected one slot in 0..{self.max_adapters - 1} per prompt, got {slots[:8]}")
+        return self._generate(prompts, sampling, slots) if prompts else []
 
-    def score(self, sequences: list[list[int]]) -> list[list[float]]:
-        """log p(seq[t] | seq[:t]) for t = 1..len-1 of each sequence, under the served adapter."""
+    def score(self, sequences: list[list[int]], slot: int = 0) -> list[list[float]]:
+        """log p(seq[t] | seq[:t]) for t = 1..len-1 of each sequence, under the adapter in `slot`."""
         self._check_token_lists(sequences, "sequence", min_len=2)
-        return self._score(sequences) if sequences else []
+        return self._score(sequences, slot) if sequences else []
 
-    def load_adapter(self, tensors: dict[str, torch.Tensor], peft_config: dict, version: int) -> AdapterReceipt:
+    def load_adapter(self, tensors: dict[str, torch.Tensor], peft_config: dict, version: int, slot: int = 0) -> AdapterReceipt:
         start = time.perf_counter()
         if not isinstance(version, int) or version < 0:
             raise AdapterError(f"adapter version: expected an int >= 0, got {version!r}")
+        if not isinstance(slot, int) or not 0 <= slot < self.max_adapters:
+            raise AdapterError(f"adapter slot: {slot!r} is not one of this engine's {self.max_adapters} (rollout.max_adapters)")
         if self._linears is None:
             self._linears = self._linear_shapes()
         check_adapter(tensors, peft_config, self.max_lora_rank, self._linears)
-        self._swap_adapter(tensors, peft_config, version)
-        self._version = version
-        probe = self.score([self.probe_token_ids()])[0]
+        self._swap_adapter(tensors, peft_config, version, slot)
+        self._versions[slot] = version
+        probe = self.score([self.probe_token_ids()], slot)[0]
         return AdapterReceipt(version, adapter_digest(tensors), probe, time.perf_counter() - start)
 
-    def version(self) -> int:
-        return self._version
+    def version(self, slot: int = 0) -> int:
+        return self._versions.get(slot, -1)
 
     def probe_token_ids(self) -> list[int]:
         if self._probe is None:

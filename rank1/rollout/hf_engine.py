@@ -29,13 +29,17 @@ def _shape_of(peft_config: dict) -> tuple:
 
 class HFEngine(RolloutEngine):
     def __init__(self, model_path: str, *, dtype: str = "float32", batch_size: int = 16, max_lora_rank: int = 1, seed: int = 0,
-                 revision: str | None = None, trust_remote_code: bool = False, device: str = "auto", adapter_mode: str = "lora"):
+                 revision: str | None = None, trust_remote_code: bool = False, device: str = "auto", adapter_mode: str = "lora",
+                 max_adapters: int = 1):
         super().__init__()
         if dtype not in _DTYPES:
             raise EngineError(f"transformers dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
         if adapter_mode not in ("lora", "merged"):
             raise EngineError(f"adapter_mode: {adapter_mode!r} is not one of lora, merged")
         self.adapter_mode, self.dtype = adapter_mode, _DTYPES[dtype]
+        if adapter_mode == "merged" and max_adapters > 1:
+            raise EngineError("adapter_mode merged serves one adapter; several (rank1 sweep) need adapter_mode lora")
+        self.max_adapters = max_adapters
         self._merged: set[str] = set()  # modules whose weights hold a merged adapter
         self._base_weights = BaseWeights(model_path) if adapter_mode == "merged" else None
         cfg = ModelConfig(name_or_path=model_path, revision=revision, trust_remote_code=trust_remote_code)
@@ -58,12 +62,20 @@ class HFEngine(RolloutEngine):
     def _linear_shapes(self):
         return linear_shapes(self.base)
 
-    def _swap_adapter(self, tensors, peft_config, version):
+    def _swap_adapter(self, tensors, peft_config, version, slot):
         if self.adapter_mode == "merged":
             return self._merge(tensors, peft_config)
         from peft import get_peft_config, get_peft_model, set_peft_model_state_dict
 
         shape = _shape_of(peft_config)
+        if slot > 0:  # another run of a sweep: one more PEFT adapter of the same shape beside slot 0's
+            if shape != self._shape:
+                raise EngineError(f"adapter slot {slot}: its shape {shape} differs from slot 0's {self._shape} (load slot 0 first)")
+            config = dict(peft_config, peft_type="LORA", inference_mode=True)
+            if _slot_name(slot) not in self.model.peft_config:
+                self.model.add_adapter(_slot_name(slot), get_peft_config(config))
+            set_peft_model_state_dict(self.model, tensors, adapter_name=_slot_name(slot))
+            return
         if shape != self._shape:
             config = dict(peft_config)
             config.setdefault("peft_type", "LORA")
@@ -95,8 +107,25 @@ class HFEngine(RolloutEngine):
             mask[row, width - len(p) :] = 1
         return ids, mask
 
+    def _use(self, slot: int) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):  # LoRA mode, after the first load
+            self.model.set_adapter(_slot_name(slot))
+
+    def _generate(self, prompts, sampling: SamplingSpec, slots):
+        """Each slot's prompts through its own adapter (PEFT serves mixed-adapter batches only one adapter per call)."""
+        out = []
+        for slot in sorted(set(slots)):
+            mine = [i for i, s in enumerate(slots) if s == slot]
+            self._use(slot)
+            for c in self._generate_one([prompts[i] for i in mine], sampling):
+                c.prompt_index = mine[c.prompt_index]
+                out.append(c)
+        return sorted(out, key=lambda c: c.prompt_index)  # stable: a prompt's n samples keep their order
+
     @torch.no_grad()
-    def _generate(self, prompts, sampling: SamplingSpec):
+    def _generate_one(self, prompts, sampling: SamplingSpec):
         stop = set() if sampling.ignore_eos else set(self.eos_ids) | set(sampling.stop_token_ids)
         torch.manual_seed(self.seed if sampling.seed is None else sampling.seed)
         completions = []
@@ -132,7 +161,8 @@ class HFEngine(RolloutEngine):
         return completions
 
     @torch.no_grad()
-    def _score(self, sequences):
+    def _score(self, sequences, slot):
+        self._use(slot)
         scores = []
         for start in range(0, len(sequences), self.batch_size):
             batch = sequences[start : start + self.batch_size]
@@ -146,3 +176,7 @@ class HFEngine(RolloutEngine):
             lp = token_logprobs(logits[:, :-1], ids[:, 1:].to(self.device)).cpu()
             scores += [lp[row, : len(s) - 1].tolist() for row, s in enumerate(batch)]
         return scores
+
+
+def _slot_name(slot: int) -> str:
+    return "default" if slot == 0 else f"slot{slot}"

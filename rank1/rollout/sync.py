@@ -60,11 +60,12 @@ def push_adapter(
     atol: float = 1e-3,
     previous_probe: list[float] | None = None,
     noise: float | None = None,
+    slot: int = 0,
 ) -> list[AdapterReceipt]:
-    """Load `refs` on every actor (in parallel) and verify the receipts; returns them in actor order."""
+    """Load `refs` into `slot` on every actor (in parallel) and verify the receipts; returns them in actor order."""
     import ray
 
-    receipts: list[AdapterReceipt] = ray.get([a.load_adapter.remote(refs.tensors, refs.peft_config, refs.version) for a in actors])
+    receipts: list[AdapterReceipt] = ray.get([a.load_adapter.remote(refs.tensors, refs.peft_config, refs.version, slot) for a in actors])
     check_receipts(receipts, refs.version, refs.digest, expected_probe, atol, previous_probe, noise)
     return receipts
 

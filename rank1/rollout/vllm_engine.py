@@ -72,6 +72,7 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: bool | None = None,
         distributed_executor_backend: str | None = None,
         adapter_mode: str = "lora",
+        max_adapters: int = 1,
     ):
         super().__init__()
         if dtype not in _DTYPES:
@@ -79,8 +80,12 @@ class VLLMEngine(RolloutEngine):
         if adapter_mode not in ("lora", "merged"):
             raise EngineError(f"adapter_mode: {adapter_mode!r} is not one of lora, merged")
         self.adapter_mode, self.model_path = adapter_mode, model_path
+        if adapter_mode == "merged" and max_adapters > 1:
+            raise EngineError("adapter_mode merged serves one adapter; several (rank1 sweep) need adapter_mode lora")
+        self.max_adapters = max_adapters
         lora = adapter_mode == "lora"
-        lora_args = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1, max_cpu_loras=1) if lora else {}
+        # One LoRA slot per adapter served at once (a sweep's runs): vLLM batches requests of different LoRAs together.
+        lora_args = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_adapters, max_cpu_loras=max_adapters) if lora else {}
         # Read when the engine is built: a small KV cache (the box is shared) and no engine-core process.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -109,7 +114,7 @@ class VLLMEngine(RolloutEngine):
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
-        self._lora = None  # LoRARequest of the served version
+        self._loras: dict = {}  # slot -> LoRARequest of the version it serves
         self._next_lora_id = 1
         self._root = _adapter_root()
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._root), True)
@@ -125,14 +130,14 @@ class VLLMEngine(RolloutEngine):
         # The HF architecture on the meta device: the names and shapes PEFT keys refer to, no weights.
         return linear_shapes(meta_model(self.llm.llm_engine.model_config.hf_config))
 
-    def _swap_adapter(self, tensors, peft_config, version):
+    def _swap_adapter(self, tensors, peft_config, version, slot):
         if self.adapter_mode == "merged":
             return self._merge(tensors, peft_config)
         from vllm.lora.request import LoRARequest
 
         lora_id = self._next_lora_id
         self._next_lora_id += 1
-        folder = self._root / f"v{version}-id{lora_id}"
+        folder = self._root / f"s{slot}-v{version}-id{lora_id}"
         self.last_adapter_bytes = write_adapter(folder, tensors, peft_config, dtype=str(self.dtype).removeprefix("torch."), atomic=False)
         request = LoRARequest(lora_name=f"rank1-v{version}-id{lora_id}", lora_int_id=lora_id, lora_path=str(folder))
         engine = self.llm.llm_engine
@@ -141,13 +146,13 @@ class VLLMEngine(RolloutEngine):
         except Exception as e:  # the old version stays served
             shutil.rmtree(folder, ignore_errors=True)
             raise AdapterError(f"vLLM rejected adapter version {version}: {e}") from e
-        old = self._lora
-        self._lora = request
+        old = self._loras.get(slot)
+        self._loras[slot] = request
         if old is not None:
             engine.remove_lora(old.lora_int_id)
             shutil.rmtree(old.lora_path, ignore_errors=True)
         self.llm.reset_prefix_cache()
-        if self._lora.lora_int_id not in engine.list_loras():
+        if lora_id not in engine.list_loras():
             raise RuntimeError(f"vLLM did not keep LoRA id {lora_id} (version {version}) loaded")
 
     def _merge(self, tensors, peft_config) -> None:
@@ -181,12 +186,12 @@ class VLLMEngine(RolloutEngine):
             if len(ids) + room > limit:
                 raise EngineError(f"{what} {i}: {len(ids)} tokens do not fit max_model_len={limit} (rollout.max_model_len)")
 
-    def _generate(self, prompts, sampling):
+    def _generate(self, prompts, sampling, slots):
         self._check_lengths(prompts, "prompt", 1)
         outputs = self.llm.generate(
             [{"prompt_token_ids": list(p)} for p in prompts],
             self._params(sampling),
-            lora_request=self._lora,
+            lora_request=[self._loras.get(s) for s in slots],  # each prompt through its slot's adapter
             use_tqdm=False,
         )
         completions = []
@@ -198,14 +203,14 @@ class VLLMEngine(RolloutEngine):
                 completions.append(Completion(index, ids, out.text, logprobs, finish))
         return completions
 
-    def _score(self, sequences):
+    def _score(self, sequences, slot):
         from vllm import SamplingParams
 
         self._check_lengths(sequences, "sequence", 1)
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outputs = self.llm.generate(
-            [{"prompt_token_ids": list(s)} for s in sequences], params, lora_request=self._lora, use_tqdm=False
+            [{"prompt_token_ids": list(s)} for s in sequences], params, lora_request=self._loras.get(slot), use_tqdm=False
         )
         # prompt_logprobs[0] is None (nothing predicts the first token).
         return [[logprob_of(entries, t) for entries, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outputs, sequences)]
@@ -217,7 +222,8 @@ def reload_merged(worker, model_path: str, names: list[str], deltas: dict, dtype
 
     from rank1.rollout.merge import BaseWeights, merged_weights
 
-    # Layers not in this reload keep their weights; vLLM warns "Failed to load weights" for each of them.
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+    # Layers not in this reload (norms, embeddings) keep their weights; vLLM warns about each of them.
+    for name in ("layerwise", "inplace"):
+        logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").setLevel(logging.ERROR)
     weights = merged_weights(BaseWeights(model_path), names, deltas, getattr(torch, dtype))
     worker.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)

@@ -22,7 +22,7 @@ import torch
 
 from rank1.core.config import Config, ConfigError
 from rank1.core.logprobs import token_logprobs
-from rank1.trainer.sft import split_rows
+from rank1.trainer.sft import split_rows, weighted_rows
 
 
 @dataclass(frozen=True)
@@ -168,10 +168,10 @@ def importance_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor
 
 
 def aggregate_sum(loss: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """Sum over this micro-batch; divided later by `normalizer(...)` of the whole global batch."""
+    """Per-row sums (B,) of this micro-batch; their total is divided later by `normalizer(...)` of the whole global batch."""
     if aggregation == "sequence":  # each sequence's mean token loss
-        return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
-    return (loss * mask).sum()
+        return (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return (loss * mask).sum(-1)
 
 
 def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, dict[str, float]]:
@@ -188,7 +188,7 @@ def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, d
     ref = batch["ref_logprobs"][:, keep] if s.kl_coef != 0.0 else None
     weights = importance_weights(old, batch["engine_logprobs"][:, keep], mask, s.is_cap) if s.is_correction else None
     loss, parts = per_token_loss(logprobs, old, batch["advantages"], s, ref, weights)
-    total = aggregate_sum(loss, mask, s.aggregation)
+    rows = aggregate_sum(loss, mask, s.aggregation)
     tokens = float(mask.sum())
     stats = {
         "completion_tokens": tokens,
@@ -200,7 +200,9 @@ def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, d
         on = mask > 0
         stats.update(is_sum=float(weights[on].sum()), is_min=float(weights[on].min()) if on.any() else 1.0,
                      is_max=float(weights[on].max()) if on.any() else 1.0)
-    return total, stats
+    if "row_weight" in batch:  # rows of several runs (rank1 sweep)
+        return weighted_rows(rows, batch, stats)
+    return rows.sum(), stats
 
 
 @torch.no_grad()

@@ -71,20 +71,32 @@ class Learner:
 
         self.zero_stage = choose_zero_stage(t, model_path, self.device, dtype)
         ds_config = deepspeed_config(t, placement.world_size, self.zero_stage, dtype == torch.bfloat16, objective.rows_per_step)
+        if self.clips_per_group:
+            ds_config["gradient_clipping"] = 0.0  # the optimizer clips each run's group itself
         if self.zero_stage == 3:
             # Must stay alive while from_pretrained runs: it makes transformers build the model
             # inside deepspeed.zero.Init, so each rank only ever materializes its shard.
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
-        base = load_base(model_path, model_cfg, dtype)
-        self.model = attach_adapter(base, adapter_cfg, model_cfg.name_or_path)
+        self.model = self.build_model(load_base(model_path, model_cfg, dtype))
         self.adapter_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = GuardedAdamW(self.adapter_params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, lr_scheduler=lr_scheduler(self.optimizer, t, total_steps), config=ds_config
-        )
+        self.optimizer, schedule = self.build_optimizer(t, total_steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=self.optimizer, lr_scheduler=schedule,
+                                                                 config=ds_config)
         self.steps_done = 0
+
+    clips_per_group = False  # rank1.trainer.sweep_learner: one optimizer group (and clipping) per run
+
+    def build_model(self, base):
+        return attach_adapter(base, self.adapter_cfg, self.model_cfg.name_or_path)
+
+    def build_optimizer(self, t: TrainerConfig, total_steps: int):
+        optimizer = GuardedAdamW(self.adapter_params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        return optimizer, lr_scheduler(optimizer, t, total_steps)
+
+    def before_forward(self, batch: dict) -> None:
+        """Called with each micro-batch before its forward (a sweep sets the run of each row here)."""
 
     # ------------------------------------------------------------ training
 
@@ -97,13 +109,15 @@ class Learner:
         number of micro-batches: under ZeRO-3 each forward is a collective. A step whose loss or
         gradient is not finite changes nothing (GuardedAdamW) and is reported as `nonfinite`.
         """
-        lr = self.scheduler.get_last_lr()[0]
+        lrs = self.scheduler.get_last_lr()
+        lr = lrs[0]
         scale = self.engine.gradient_accumulation_steps() * self.placement.world_size / normalizer
         loss_sum, tokens, stats, grad_norm = 0.0, 0, {}, None
         poison = injected_fault("RANK1_FAULT_NAN_STEPS", self.steps_done + 1)
         self.engine.train()
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+            self.before_forward(batch)
             loss, extra = self.objective.loss(self.engine, batch)
             if poison:
                 loss = loss * float("nan")
@@ -125,16 +139,21 @@ class Learner:
         if grad_norm is None and self.engine.get_global_grad_norm() is not None:
             grad_norm = float(self.engine.get_global_grad_norm())
         self.steps_done += 1
-        return {"loss_sum": loss_sum, "tokens": tokens, "lr": lr, "grad_norm": grad_norm, "nonfinite": bool(skipped), **stats}
+        extra = {"lrs": lrs, "group_grad_norms": self.optimizer.group_norms} if self.clips_per_group else {}
+        return {"loss_sum": loss_sum, "tokens": tokens, "lr": lr, "grad_norm": grad_norm, "nonfinite": bool(skipped), **extra, **stats}
 
     def rollout_logprobs(self, micro_batches: list[dict], adapter: bool = True) -> list[torch.Tensor]:
         """Completion logprobs of each micro-batch under the current adapter, or the base with the adapter
         disabled (the GRPO KL reference: no second model in memory); collective."""
         self.engine.eval()
         context = contextlib.nullcontext() if adapter else self.model.disable_adapter()
+        out = []
         with context:
-            return [self.objective.logprobs(self.engine, {k: v.to(self.engine.device) for k, v in b.items()}).cpu()
-                    for b in micro_batches]
+            for b in micro_batches:
+                b = {k: v.to(self.engine.device) for k, v in b.items()}
+                self.before_forward(b)
+                out.append(self.objective.logprobs(self.engine, b).cpu())
+        return out
 
     def sequence_logprobs(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
         """The learner's side of the engines' sync probe, by one plain forward; collective."""

@@ -1,0 +1,121 @@
+"""`rank1 sweep`: N rank-1 runs over one base. The batched layer equals N separate PEFT models; each swept
+adapter equals its solo `rank1 train`; runs with other learning rates really differ; a killed sweep resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rank1_testing import REPO, run_rank1
+
+SMALL = ["--data.arithmetic_rows", "32", "--data.max_length", "96", "--trainer.global_batch_size", "4",
+         "--trainer.micro_batch_size", "2", "--trainer.zero_stage", "0", "--logging.progress", "false",
+         "--eval.in_training", "false", "--trainer.warmup_ratio", "0"]
+
+
+def adapter(folder: Path) -> dict:
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+def test_mixed_batch_forward_and_gradients_equal_separate_peft_models(model_path, tokenizer):
+    from peft import PeftModel
+
+    from rank1.core.adapter_io import write_adapter
+    from rank1.core.config import AdapterConfig, ModelConfig
+    from rank1.core.model import load_base, lora_config
+    from rank1.trainer.batched_rank1 import attach_runs, run_state_dict
+
+    cfgs = [AdapterConfig(), AdapterConfig(alpha=8.0), AdapterConfig(alpha=32.0)]
+    model = attach_runs(load_base(model_path, ModelConfig(), torch.float32), cfgs, seeds=[0, 1, 2])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in model.layers():
+            for b in layer.lora_B:
+                b.copy_(torch.randn(b.shape, generator=g) * 0.02)
+    texts = ["What is 2 + 3?", "Name a prime.", "Count to four.", "What is 7 * 6?", "Spell cat.", "Hello!"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    runs = torch.tensor([0, 1, 2, 2, 0, 1])
+    model.index.rows = runs
+    mixed = model(**batch).logits
+    mixed[..., :50].sum().backward()
+    for run, cfg in enumerate(cfgs):
+        folder = Path(f"/tmp/rank1-sweep-test-run{run}-{os.getpid()}")
+        write_adapter(folder, run_state_dict(model, run), lora_config(cfg), "smollm2-135m-instruct")
+        solo = PeftModel.from_pretrained(load_base(model_path, ModelConfig(), torch.float32), str(folder), is_trainable=True)
+        rows = (runs == run).nonzero().squeeze(1)
+        logits = solo(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+        torch.testing.assert_close(mixed[rows], logits, atol=1e-4, rtol=1e-4)  # logits of ~10: float reassociation
+        logits[..., :50].sum().backward()
+        name, layer = model.layers()[5]
+        peft_a = dict(solo.named_parameters())[f"base_model.model.{name}.lora_A.default.weight"]
+        torch.testing.assert_close(layer.lora_A[run].grad, peft_a.grad, atol=1e-4, rtol=1e-3)  # per run too (sums over other batch shapes)
+
+
+@pytest.mark.slow
+def test_each_swept_adapter_equals_its_solo_run_and_a_killed_sweep_resumes(tmp_path):
+    sweep_args = [*SMALL, "--trainer.lr", "1e-3,4e-3", "--seed", "0,1", "--max-steps", "4", "--trainer.checkpoint_every", "2"]
+    out = tmp_path / "sweep"
+    result = run_rank1("sweep", *sweep_args, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in out.iterdir() if p.name.startswith("run-"))
+    assert [p.name for p in runs] == ["run-00-lr1e-3-seed0", "run-01-lr1e-3-seed1", "run-02-lr4e-3-seed0", "run-03-lr4e-3-seed1"]
+    for run in runs:
+        assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 1
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert (out / "curves.png").stat().st_size > 0 and "run-03-lr4e-3-seed1" in (out / "summary.md").read_text()
+    # Each run equals `rank1 train` with its settings (float reassociation only: rows share micro-batches with other runs).
+    for run, flags in ((runs[1], ["--lr", "1e-3", "--seed", "1"]), (runs[2], ["--lr", "4e-3", "--seed", "0"])):
+        solo = tmp_path / f"solo-{run.name}"
+        result = run_rank1("train", *SMALL, *flags, "--max-steps", "4", "--trainer.checkpoint_every", "0", "--output-dir", str(solo))
+        assert result.returncode == 0, result.stderr[-3000:]
+        # The same losses step by step (summation order is the only difference: 1e-7 at step 1, growing as
+        # training amplifies it), and adapters within 1e-3 of what the step moved them: Adam's first steps are
+        # near sign(gradient), so an element whose gradient is near 0 turns float noise into up to ~lr.
+        sweep_losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        solo_losses = [json.loads(line)["loss"] for line in (solo / "metrics.jsonl").read_text().splitlines()]
+        assert sweep_losses == pytest.approx(solo_losses, rel=1e-5)
+        a, b = adapter(run), adapter(solo)
+        assert a.keys() == b.keys()
+        diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+        moved = torch.sqrt(sum((b[k] ** 2).sum() for k in b if "lora_B" in k))  # B starts at 0
+        assert diff < 1e-3 * moved, (float(diff), float(moved))
+    # Runs with other learning rates (or seeds) really differ.
+    first, other = adapter(runs[0]), adapter(runs[2])
+    assert max(float((first[k] - other[k]).abs().max()) for k in first) > 1e-3
+
+    # SIGKILL after the first checkpoint, then --resume: the same four adapters.
+    killed = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "rank1.cli", "sweep", *sweep_args, "--output-dir", str(killed)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "step-000002").exists():
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first checkpoint"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_rank1("sweep", *sweep_args, "--output-dir", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for run in runs:
+        assert (killed / run.name / "adapter" / "adapter_model.safetensors").read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data.max_length", "64,96"], "data.max_length cannot vary across runs that share a base"),
+    (["--trainer.lr", "1e-3,"], "has an empty value in its list"),
+    (["--seed", "0,1,2", "--sweep.max_runs", "2"], "3 runs, over sweep.max_runs=2"),
+    (["--trainer.lr", "fast,1e-3"], "trainer.lr: expected a number"),
+])
+def test_bad_sweeps_are_refused_naming_the_field(tmp_path, flags, message):
+    result = run_rank1("sweep", *SMALL, *flags, "--max-steps", "1", "--output-dir", str(tmp_path / "s"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
