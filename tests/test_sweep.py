@@ -119,3 +119,50 @@ def test_bad_sweeps_are_refused_naming_the_field(tmp_path, flags, message):
     result = run_rank1("sweep", *SMALL, *flags, "--max-steps", "1", "--output-dir", str(tmp_path / "s"))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_grpo_sweep_serves_each_run_from_its_own_vllm_adapter(tmp_path, model_path, tokenizer):
+    # Two runs far apart in learning rate on one vLLM engine (one LoRA slot each): every completion the
+    # learners train on must come from its own run's adapter, i.e. the engine's token logprobs equal that
+    # run's learner's; the per-slot sync proofs run every step; held-out accuracy is taken per run.
+    from peft import PeftModel
+
+    from rank1.core.config import ModelConfig
+    from rank1.core.model import load_base
+
+    out = tmp_path / "grpo-sweep"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "rewards"), str(REPO)])}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "rank1.cli", "sweep", "--objective", "grpo", "--rollout.backend", "vllm", "--data.arithmetic_rows", "32",
+         "--data.max_length", "96", "--trainer.zero_stage", "0", "--logging.progress", "false", "--trainer.micro_batch_size", "8",
+         "--grpo.prompts_per_step", "2", "--grpo.num_generations", "4", "--grpo.max_completion_length", "6",
+         "--rewards.functions", "user_rewards:opens_with_to", "--trainer.lr", "3e-2,1e-6", "--trainer.warmup_ratio", "0",
+         "--trainer.lr_schedule", "constant", "--max-steps", "3", "--trainer.checkpoint_every", "0", "--cluster.local_num_cpus", "2",
+         "--eval.heldout_rows", "8", "--eval.max_new_tokens", "12", "--output-dir", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in out.iterdir() if p.name.startswith("run-"))
+    assert [p.name for p in runs] == ["run-00-lr3e-2", "run-01-lr1e-6"]
+    gaps = []
+    for run in runs:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [0, 1, 2, 3]
+        assert "heldout_accuracy" in rows[0] and "heldout_accuracy" in rows[-1]
+        gaps += [r["engine_logprob_gap_max"] for r in rows[1:] if not r["skipped"]]
+    assert gaps and max(gaps) < 0.02, gaps  # vLLM fp32 and the learner's fp32 forward agree per token
+    summary = json.loads((out / "summary.json").read_text())["runs"]
+    assert [set(r) >= {"heldout_start", "heldout_end", "final_reward_mean"} for r in summary] == [True, True]
+    # The runs' policies are far apart (so a completion served by the other run's adapter would show a gap
+    # well above the bound): mean |Δ logprob| per token between the two final adapters on a probe text.
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text + "To find the sum, add 12 and 30 to get 42.", return_tensors="pt")["input_ids"]
+    logprobs = []
+    for run in runs:
+        model = PeftModel.from_pretrained(load_base(model_path, ModelConfig(), torch.float32), str(run / "adapter"))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        logprobs.append(logits.gather(-1, ids[0, 1:, None]).squeeze(-1))
+    apart = float((logprobs[0] - logprobs[1]).abs().mean())
+    assert apart > 5 * 0.02, (apart, gaps)

@@ -153,8 +153,9 @@ def build_eval_set(cfg: Config, tokenizer, run: Config | None = None) -> EvalSet
     return EvalSet(e.data, problems, prompts, gold_format, min(wanted, room))
 
 
-def score_eval_set(engines, rewards, evalset: EvalSet, cfg: Config, samples: int = 1, progress: bool = True) -> tuple[list[dict], dict]:
-    """Greedy pass@1 (and pass@k from `samples` draws) of what the engines serve now; per-problem records and the summary."""
+def score_eval_set(engines, rewards, evalset: EvalSet, cfg: Config, samples: int = 1, progress: bool = True,
+                   slot: int = 0) -> tuple[list[dict], dict]:
+    """Greedy pass@1 (and pass@k from `samples` draws) of what the engines serve now in `slot`; per-problem records and the summary."""
     from rank1.rollout.engine import SamplingSpec
 
     e = cfg.eval
@@ -165,7 +166,8 @@ def score_eval_set(engines, rewards, evalset: EvalSet, cfg: Config, samples: int
     with tqdm(total=len(evalset.problems) * len(runs), desc="eval", unit="problem", disable=not progress) as bar:
         for name, sampling in runs:
             for start in range(0, len(evalset.prompts), e.batch):
-                for c in engines.generate(evalset.prompts[start : start + e.batch], sampling):
+                prompts = evalset.prompts[start : start + e.batch]
+                for c in engines.generate(prompts, sampling, [slot] * len(prompts)):
                     completions[name][start + c.prompt_index].append(c.text)
                 bar.update(min(e.batch, len(evalset.prompts) - start))
     pairs = [(p["gold"], text) for name, _ in runs for p, texts in zip(evalset.problems, completions[name]) for text in texts]

@@ -25,23 +25,26 @@ class HeldoutEval:
         init_ray(cfg.cluster)
         # A GRPO run's engines already serve the learners' adapter after every sync; an SFT run needs its own.
         self.engines = rollouts.engines if rollouts is not None else EngineGroup.from_config(cfg.rollout, model_path, cfg.seed, cfg.model)
-        self.probe_ids, self.last_probe = probe_token_ids(tokenizer), None
+        self.probe_ids, self.last_probes = probe_token_ids(tokenizer), {}
         try:
             self.rewards = RewardPool(dataclasses.replace(cfg.rewards, functions=["math"], gold_format=self.evalset.gold_format))
         except BaseException:
             self.close()
             raise
 
-    def __call__(self, learners, step: int) -> dict:
+    def __call__(self, learners, step: int, run: int | None = None) -> dict:
         from rank1.driver.rollouts import probe_tolerance
 
         # Every evaluation proves the engines serve the learners' adapter as it is now (for a GRPO run's
-        # engines that is the version they already hold: the push costs a probe, not a change).
-        _, self.last_probe = push_learner_adapter(self.engines, learners, self.probe_ids, probe_tolerance(self.cfg),
-                                                  version=step, previous=self.last_probe)
-        _, summary = score_eval_set(self.engines, self.rewards, self.evalset, self.cfg, progress=False)
+        # engines that is the version they already hold: the push costs a probe, not a change). A sweep's
+        # `run` is served from its own slot.
+        previous = self.last_probes.get(run)
+        _, self.last_probes[run] = push_learner_adapter(self.engines, learners, self.probe_ids, probe_tolerance(self.cfg),
+                                                        version=step, previous=previous, run=run)
+        _, summary = score_eval_set(self.engines, self.rewards, self.evalset, self.cfg, progress=False, slot=run or 0)
         low, high = summary["pass@1_ci95"]
-        log(f"held-out {self.evalset.name} accuracy at step {step}: {100 * summary['pass@1']:.1f} % "
+        who = "" if run is None else f" of run {run}"
+        log(f"held-out {self.evalset.name} accuracy{who} at step {step}: {100 * summary['pass@1']:.1f} % "
             f"({summary['correct']:.0f}/{summary['problems']}, 95 % interval {100 * low:.1f}-{100 * high:.1f} %)")
         return {"heldout_accuracy": summary["pass@1"], "heldout_ci95": summary["pass@1_ci95"], "heldout_problems": summary["problems"]}
 

@@ -97,7 +97,10 @@ class StepLoop:
         done = step + 1
         self._count_nonfinite(done, record)
         if run.evaluate is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == run.total):
-            record.update(run.evaluate(done))
+            extra = run.evaluate(done)
+            for mine, its in zip(record.get("runs", []), extra.pop("runs", [])):  # a sweep's per-run accuracies
+                mine.update(its)
+            record.update(extra)
         if done % cfg.logging.log_every == 0 or done == run.total:
             run.sink.write(record)
         self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()})

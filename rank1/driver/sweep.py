@@ -111,6 +111,11 @@ def sweep(cfg: Config, runs: list[Config], overrides: list[dict]) -> Path:
     objectives = [make_objective(r) for r in runs]  # every run's own checks
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model)
+    evalset = None
+    if cfg.eval.in_training:
+        from rank1.driver.evaluate import build_eval_set
+
+        evalset = build_eval_set(cfg, tokenizer, run=cfg)
     saved = Path(cfg.logging.output_dir) / "sweep.json"
     if cfg.trainer.resume and saved.is_file() and json.loads(saved.read_text())["runs"] != overrides:
         raise ConfigError(f"--resume: {saved} holds other runs ({json.loads(saved.read_text())['runs']}); resume with the same axes")
@@ -126,10 +131,12 @@ def sweep(cfg: Config, runs: list[Config], overrides: list[dict]) -> Path:
     job = Job(cfg, runs, model_path, tokenizer)
     log(f"sweep of {len(runs)} runs over one base: {job.describe()}")
     start = restore_point(out) if cfg.trainer.resume else 0
-    began = time.perf_counter()
+    began, heldout = time.perf_counter(), None
     with StopSignals() as signals:
         try:
             job.open()
+            if evalset is not None:
+                heldout = sweep_heldout(cfg, len(runs), model_path, tokenizer, evalset, job)
             learners = job.make_learners()
             sink = SweepSink(cfg, runs, out, start)
             try:
@@ -137,15 +144,35 @@ def sweep(cfg: Config, runs: list[Config], overrides: list[dict]) -> Path:
                     checkpoint = latest_checkpoint(out)
                     learners.call("load_checkpoint", str(checkpoint))
                     log(f"resumed the sweep from {checkpoint} at step {start}")
-                job.loop(RunState(cfg, out, learners, sink, start, job.total_steps, signals))
+                evaluate = None
+                if heldout is not None:
+                    def evaluate(step: int) -> dict:
+                        if step == 0:  # every run starts from the same function (B = 0, or the same adapter.init)
+                            return {"runs": [heldout(learners, 0, run=0)] * len(runs)}
+                        return {"runs": [heldout(learners, step, run=i) for i in range(len(runs))]}
+                job.loop(RunState(cfg, out, learners, sink, start, job.total_steps, signals, evaluate))
                 learners.call("save_adapters", [str(Path(r.logging.output_dir) / "adapter") for r in runs])
             finally:
                 sink.close()
                 learners.shutdown()
         finally:
+            if heldout is not None:
+                heldout.close()
             job.close()
     write_sweep_summary(out, runs, overrides, job.curve, time.perf_counter() - began)
     return out
+
+
+def sweep_heldout(cfg: Config, n: int, model_path: str, tokenizer, evalset, job):
+    """Held-out accuracy per run: each run's adapter in its own engine slot (a GRPO sweep's engines, or an eval
+    engine group for an SFT sweep, both serving through LoRA since merged weights hold one adapter)."""
+    import dataclasses
+
+    from rank1.driver.heldout import HeldoutEval
+
+    cfg = copy.copy(cfg)
+    cfg.rollout = dataclasses.replace(cfg.rollout, adapter_mode="lora", max_adapters=max(n, cfg.rollout.max_adapters))
+    return HeldoutEval(cfg, model_path, tokenizer, evalset, job if getattr(job, "engines", None) is not None else None)
 
 
 class SweepSink:
@@ -276,8 +303,9 @@ def write_sweep_summary(out: Path, runs: list[Config], overrides: list[dict], cu
         plot_curve(folder / "metrics.jsonl", folder / f"{key.split('_')[0]}.png", key, label, f"rank1 sweep: {folder.name}")
         ax.plot([m["step"] for m in trained], [m[key] for m in trained], label=folder.name)
         heldout = [m for m in metrics if "heldout_accuracy" in m]
-        rows.append({"run": folder.name, **{k: v for k, v in o.items()}, f"final_{key}": trained[-1][key] if trained else None,
-                     **({"heldout_accuracy": heldout[-1]["heldout_accuracy"]} if heldout else {})})
+        accuracy = {"heldout_start": heldout[0]["heldout_accuracy"], "heldout_end": heldout[-1]["heldout_accuracy"],
+                    "heldout_problems": heldout[-1]["heldout_problems"]} if heldout else {}
+        rows.append({"run": folder.name, **{k: v for k, v in o.items()}, f"final_{key}": trained[-1][key] if trained else None, **accuracy})
     ax.set_xlabel("step")
     ax.set_ylabel(label)
     ax.legend(fontsize=7)

@@ -126,10 +126,14 @@ class GRPOSweep:
                 stats = {}
                 if results:
                     first = results[0]
+                    gaps = [gap for r in results for gap, k in zip(r["row_engine_gap"], r["row_run"]) if k == i and self._has_rows[i]]
                     stats = {"loss": sum(l for r in results for l, k in zip(r["row_loss"], r["row_run"]) if k == i) / self._norms[i],
-                             "lr": first["lrs"][i], "grad_norm": first["group_grad_norms"][i], "nonfinite": first["run_nonfinite"][i]}
+                             "lr": first["lrs"][i], "grad_norm": first["group_grad_norms"][i], "nonfinite": first["run_nonfinite"][i],
+                             "engine_logprob_gap_max": max(gaps, default=0.0)}
                 times = {"generate": batch.generate_s, "reward": batch.reward_s, "learn": learn_s, "sync": sync_s}
                 record = step_record(step, batch, stats, 0, skipped, times, time.perf_counter() - loop.began)
+                if "engine_logprob_gap_max" in stats:
+                    record["engine_logprob_gap_max"] = stats["engine_logprob_gap_max"]
                 per_run.append({k: v for k, v in record.items() if k not in PER_BATCH_ONLY})
             record = {"step": step + 1, "runs": per_run, "skipped": skipped, "seconds": time.perf_counter() - loop.began,
                       "nonfinite": any(r["nonfinite"] for r in per_run)}
@@ -138,7 +142,7 @@ class GRPOSweep:
     def update(self, learners, rows_per_run: list[list[dict]], micro: int) -> list[dict]:
         """One optimizer step for every run: each run's rows split as its solo learners would, weighted by its normalizer."""
         shards: list[list[dict]] = [[] for _ in range(learners.size)]
-        self._norms = []
+        self._norms, self._has_rows = [], [bool(rows) for rows in rows_per_run]
         spare = next(r for rows in rows_per_run for r in rows)
         for run, rows in enumerate(rows_per_run):
             # A run left without rows (every group filtered) still runs its micro-batches, at weight 0: under

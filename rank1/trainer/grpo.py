@@ -201,6 +201,10 @@ def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, d
         stats.update(is_sum=float(weights[on].sum()), is_min=float(weights[on].min()) if on.any() else 1.0,
                      is_max=float(weights[on].max()) if on.any() else 1.0)
     if "row_weight" in batch:  # rows of several runs (rank1 sweep)
+        # Each row's mean |learner - engine| token logprob: the sweep's check that an engine sampled each
+        # run's prompts from that run's adapter slot (a row served by another run's adapter stands out).
+        gap = ((logprobs.detach() - batch["engine_logprobs"][:, keep]).abs() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        stats["row_engine_gap"] = gap.tolist()
         return weighted_rows(rows, batch, stats)
     return rows.sum(), stats
 
