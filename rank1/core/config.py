@@ -235,6 +235,7 @@ class PlanConfig:
     device_memory_gb: float | None = knob(None, gt=0)  # instead of gpu
     gpus_per_node: int = knob(8, gt=0)
     nodes: int | None = knob(None, gt=0)  # cluster size to check the job against (default: as many as it needs)
+    runs: int = knob(1, gt=0)  # a `rank1 sweep` of this many runs: one base, this many adapters and optimizer states
 
 
 @dataclass

@@ -14,6 +14,8 @@ What is counted, for one learner (one data-parallel rank, one device):
   adapter     A × b weights and A × b gradients (sharded under ZeRO-3, gradients under ZeRO-2 too)
   optimizer   AdamW for the adapters only: fp32 master copy, fp32 gradient copy and two fp32 moments
               (16 bytes per adapter parameter in bf16; 8 in fp32, where the weights are the master)
+  runs        a sweep (plan.runs N): the adapter, gradient and optimizer rows × N; the base, gather
+              buffers and activations once (each micro-batch holds one run's rows, as in its solo run)
   activations for T = micro_batch_size × sequence tokens (every row padded to the longest, so the
               worst case is every row at the sequence length), see `activation_components`
   overhead    CUDA context, cuBLAS workspaces, NCCL buffers and allocator fragmentation: a constant
@@ -99,6 +101,7 @@ class MemoryPlan:
     components: list[Component]
     notes: list[str] = field(default_factory=list)
     engines: object = None  # rank1.driver.plan_engines.EnginePlan when the objective uses rollout engines
+    max_runs: int = 1  # sweep runs whose adapters fit beside the base on each device
 
     @property
     def total(self) -> float:
@@ -218,7 +221,8 @@ def plan_memory(cfg: Config, shape: ModelShape, adapter_params: int, device_byte
     stage = resolve_zero_stage(cfg, base_bytes, device_bytes)
     seq, seq_key = sequence_tokens(cfg)
     tokens = t.micro_batch_size * seq
-    A = adapter_params
+    runs = cfg.plan.runs
+    A = adapter_params * runs
 
     def shard(n: float, sharded: bool) -> tuple[float, str]:
         return (n / world, f" / {world} ranks") if sharded and world > 1 else (n, "")
@@ -228,11 +232,12 @@ def plan_memory(cfg: Config, shape: ModelShape, adapter_params: int, device_byte
     grads, grads_div = shard(A * b, stage >= 2)
     opt_bytes, opt_what = (16, "fp32 master, grad, 2 moments") if b == 2 else (8, "2 fp32 moments")
     optim, optim_div = shard(A * opt_bytes, stage >= 1)
+    times = f" ({runs} runs)" if runs > 1 else ""
     components = [
         Component(f"base weights (ZeRO-{stage})", base, f"{shape.parameters:,} params × {b} B{base_div}"),
-        Component("adapter weights", adapter, f"{A:,} params × {b} B{adapter_div}"),
-        Component("adapter gradients", grads, f"{A:,} × {b} B{grads_div}"),
-        Component("optimizer (AdamW)", optim, f"{A:,} × {opt_bytes} B ({opt_what}){optim_div}"),
+        Component("adapter weights" + times, adapter, f"{A:,} params × {b} B{adapter_div}"),
+        Component("adapter gradients" + times, grads, f"{A:,} × {b} B{grads_div}"),
+        Component("optimizer (AdamW)" + times, optim, f"{A:,} × {opt_bytes} B ({opt_what}){optim_div}"),
     ]
     if stage == 3:
         gather = (ZERO3_PREFETCH_PARAMS + shape.largest_module) * b
@@ -241,6 +246,11 @@ def plan_memory(cfg: Config, shape: ModelShape, adapter_params: int, device_byte
     components += activation_components(cfg, shape, tokens, b)
     components.append(Component("CUDA / NCCL overhead", CUDA_NCCL_OVERHEAD_GB * GB, "context, workspaces, NCCL, fragmentation"))
     plan = MemoryPlan(cfg.model.name_or_path, gpu, device_bytes, world, stage, "fp32" if b == 4 else "bf16", tokens, components)
+    per_run = (adapter + grads + optim) / runs
+    plan.max_runs = runs + max(0, int(plan.headroom // per_run)) if plan.headroom >= 0 else 0
+    plan.notes.append(f"each sweep run adds {per_run / 1e6:,.1f} MB per device (adapter, gradient, optimizer): "
+                      f"{plan.max_runs:,} runs fit beside this base (plan.runs {runs}; sweep.max_runs and the engines' "
+                      "rollout.max_adapters LoRA slots bound a sweep first)")
     plan.notes.append(f"activations for micro_batch_size {t.micro_batch_size} × {seq_key} {seq:,} = {tokens:,} tokens")
     if not cfg.model.gradient_checkpointing:
         plan.notes.append("model.gradient_checkpointing is off: every layer's activations stay saved")

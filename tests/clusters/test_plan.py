@@ -165,3 +165,19 @@ def test_model_config_without_model_type_is_a_clear_error(tmp_path, capsys):
     config.write_text('{"hidden_size": 64}')
     assert main([SFT_RECIPE, "--model", str(config)]) == 2
     assert f"{config}: config.json has no model_type" in capsys.readouterr().err
+
+
+def test_a_sweep_multiplies_adapter_state_only_and_counts_the_runs_that_fit(shape):
+    one = plan_memory(sft(), shape, ADAPTER_PARAMS, GPUS["h200"] * GB, "H200")
+    cfg = sft("--plan.runs", "8")
+    eight = plan_memory(cfg, shape, ADAPTER_PARAMS, GPUS["h200"] * GB, "H200")
+    by_name = lambda plan: {c.name.split(" (")[0]: c.bytes for c in plan.components}  # noqa: E731
+    a, b = by_name(one), by_name(eight)
+    for name in a:
+        if name.startswith(("adapter", "optimizer")):
+            assert b[name] == pytest.approx(8 * a[name]), name
+        else:
+            assert b[name] == a[name], name  # the base, gather buffers and activations are shared by every run
+    per_run = sum(a[n] for n in a if n.startswith(("adapter", "optimizer")))
+    assert eight.max_runs == 8 + int(eight.headroom // per_run)
+    assert f"{eight.max_runs:,} runs fit beside this base" in " ".join(eight.notes)
