@@ -2,6 +2,7 @@
 
     rank1 train [--config FILE] [--objective sft|grpo] [--section.field VALUE ...] [--resume] [--dry-run]
     rank1 sweep --trainer.lr 1e-4,1e-3 --seed 0,1 [train flags]   N runs over one frozen base (the cartesian product)
+    rank1 study [accuracy] [flags]       the paper's tables: accuracy per arm, recovery, then the SAE study
     rank1 config show [flags]            print the resolved config as YAML
     rank1 adapters --model ID_OR_PATH    adapter count and trainable parameters, from the config alone
     rank1 generate PROMPT --adapter DIR [--max-new-tokens N] [--temperature T]
@@ -27,7 +28,7 @@ USAGE = __doc__
 # Commands whose module reads its own arguments (with rank1.core.flags); imported only when used.
 ROLE_COMMANDS = {"grade": "rank1.rewards.cli", "sae": "rank1.sae.cli", "eval": "rank1.driver.evaluate",
                  "export": "rank1.export", "plan": "rank1.driver.plan", "generate": "rank1.driver.generate",
-                 "sweep": "rank1.driver.sweep"}
+                 "sweep": "rank1.driver.sweep", "study": "rank1.driver.study"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,7 +151,7 @@ def test_grpo_sweep_serves_each_run_from_its_own_vllm_adapter(tmp_path, model_pa
         assert [r["step"] for r in rows] == [0, 1, 2, 3]
         assert "heldout_accuracy" in rows[0] and "heldout_accuracy" in rows[-1]
         gaps += [r["engine_logprob_gap_max"] for r in rows[1:] if not r["skipped"]]
-    assert gaps and max(gaps) < 0.02, gaps  # vLLM fp32 and the learner's fp32 forward agree per token
+    assert gaps and max(gaps) < 1e-3, gaps  # vLLM fp32 and the learner's fp32 forward agree per token (measured ~3e-6)
     summary = json.loads((out / "summary.json").read_text())["runs"]
     assert [set(r) >= {"heldout_start", "heldout_end", "final_reward_mean"} for r in summary] == [True, True]
     # The runs' policies are far apart (so a completion served by the other run's adapter would show a gap
@@ -165,4 +165,4 @@ def test_grpo_sweep_serves_each_run_from_its_own_vllm_adapter(tmp_path, model_pa
             logits = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
         logprobs.append(logits.gather(-1, ids[0, 1:, None]).squeeze(-1))
     apart = float((logprobs[0] - logprobs[1]).abs().mean())
-    assert apart > 5 * 0.02, (apart, gaps)
+    assert apart > 0.05, (apart, gaps)

@@ -12,6 +12,8 @@ TRAIN = Command("train", "Train a rank-1 adapter: SFT or GRPO (trainer.objective
                 switches={"--dry-run": ("trainer.dry_run", True)})
 SWEEP = Command("sweep", "N rank-1 runs over one frozen base: comma lists on train flags are the axes.",
                 switches={"--dry-run": ("trainer.dry_run", True)})
+STUDY = Command("study", "The paper's measurements on one config: accuracy per arm and recovery, then the SAE study.",
+                section="study")
 CONFIG_SHOW = Command("config show", "Print the resolved config tree as YAML.")
 ADAPTERS = Command("adapters", "Adapter count and trainable parameters of a base model, from its config alone.")
 GENERATE = Command("generate", "Sample from a base model plus a rank-1 adapter (transformers).", section="generate",

@@ -9,7 +9,10 @@ length vs engine context) belong to that objective's object (rank1.trainer.sft /
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+import yaml
 
 # The paper's setting: a rank-1 adapter on every projection of every decoder layer.
 PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -69,7 +72,7 @@ class DataConfig:
 @dataclass
 class TrainerConfig:
     objective: Literal["sft", "grpo"] = "sft"
-    lr: float = knob(1e-3, gt=0)
+    lr: float | None = knob(None, gt=0)  # None: the objective's (SFT_LR, GRPO_LR), see resolve_objective_defaults
     betas: list[float] = knob([0.9, 0.95])
     weight_decay: float = knob(1e-4, ge=0)
     warmup_ratio: float = knob(0.05, ge=0, lt=1)
@@ -127,7 +130,7 @@ class GRPOConfig:
 
     num_generations: int = knob(4, ge=2)  # G: completions per prompt; advantages are relative within each group
     prompts_per_step: int = knob(4, gt=0)  # prompts per rollout batch (prompts_per_step × G completions)
-    max_completion_length: int = knob(16, gt=0)  # new tokens per rollout
+    max_completion_length: int = knob(48, gt=0)  # new tokens per rollout (the embedded SFT adapter's solutions take ~28)
     temperature: float = knob(1.0, gt=0)  # sampling temperature; the learner's logprobs use the same
     top_p: float = knob(1.0, gt=0, le=1)  # must stay 1: a truncated distribution has no learner-side twin
     updates_per_batch: int = knob(1, gt=0)  # optimizer steps on each rollout batch (TRL's num_iterations, μ)
@@ -139,15 +142,17 @@ class GRPOConfig:
     is_correction: bool = True  # truncated importance weights: engine vs learner logprobs
     is_cap: float = knob(3.0, ge=1)  # the weights are clipped from above at this value (TRL's clip_max)
     filter_equal_groups: bool = False  # drop groups whose completions all got the same reward
-    # Appended to each question; None = the question as the data gives it (what an SFT adapter was trained on).
-    instruction: str | None = "Give only the final answer, in the form \\boxed{ANSWER}."
+    # Appended to each question; None = the question as the data gives it (what an SFT adapter was trained on);
+    # auto: as adapter.init's run was prompted (None after SFT), else BOXED_INSTRUCTION.
+    instruction: str | None = "auto"
 
 
 @dataclass
 class RewardsConfig:
     # Names or module:function paths; the rewards add up. The default is DeepSeek-R1's pair: accuracy
     # (math-verify) plus format (exactly one final answer). `rank1 eval` and `rank1 grade` use math alone.
-    functions: list[str] = knob(["math", "format"])
+    # auto: math + format from the base; math alone from an adapter.init (an SFT adapter has learned the format).
+    functions: list[str] = knob(["auto"])
     num_workers: int = knob(1, gt=0)
     timeout_s: float = knob(5.0, gt=0)
     gold_format: Literal["auto", "gsm8k", "latex"] = "auto"  # auto: '#### n' golds are GSM8K, others LaTeX
@@ -171,7 +176,7 @@ class EvalConfig:
     max_new_tokens: int | None = knob(None, gt=0)  # None: the benchmark's (arithmetic 64, reasoning sets 32,768), within the context
     prompt: Literal["auto", "bare", "instruction"] = "auto"  # auto: as the adapter's run was trained
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
-    heldout_rows: int = knob(200, gt=0)  # the arithmetic set: problems from another seed, none in training
+    heldout_rows: int = knob(200, gt=0, le=1000)  # the arithmetic set: problems from another seed, none in training (arithmetic-val starts at 1000)
     batch: int = knob(64, gt=0)  # problems per generation call (progress granularity)
     out: str | None = None  # folder for problems.jsonl and summary.json
     in_training: bool = True  # `rank1 train`: held-out pass@1 at the start and the end
@@ -342,6 +347,26 @@ class SAEConfig:
 
 
 @dataclass
+class StudyConfig:
+    """`rank1 study [accuracy]`: every arm is `rank1 train` with the study's train flags plus its own, and every
+    arm is scored by `rank1 eval` on the same held-out problems."""
+
+    out: str = "study"  # one folder per arm, results.json, report.md, accuracy.png (and the interpretability stages)
+    # base, rank1-sft, rank1-grpo (GRPO from the rank1-sft adapter), rank<r>-sft (any r), full-sft (every weight)
+    arms: list[str] = knob(["base", "rank1-sft", "rank1-grpo", "rank8-sft", "full-sft"])
+    rank1_lrs: list[float] = knob([1e-3])  # SFT learning rates tried for rank 1 (several: the best on validation)
+    rank_r_lrs: list[float] = knob([1e-3, 3e-3])  # ... for the rank-r arms
+    full_lrs: list[float] = knob([3e-5, 1e-4])  # ... for the full fine-tune
+    grpo_lr: float | None = knob(None, gt=0)  # None: the GRPO default (trainer.lr's for grpo)
+    grpo_steps: int = knob(20, gt=0)
+    eval_sets: list[str] = knob(["arithmetic"])  # what every arm is scored on (eval.data names or JSONL paths)
+    test_rows: int = knob(400, gt=0, le=1000)  # problems of the arithmetic test set
+    validation_data: str = "arithmetic-val"  # where several learning rates are compared (never a test set)
+    validation_rows: int = knob(100, gt=0)
+    stages: list[str] = knob(["accuracy", "interpretability"])  # `rank1 study` runs these; `rank1 study accuracy` the first
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -358,6 +383,7 @@ class Config:
     grade: GradeConfig = field(default_factory=GradeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     seed: int = 0
 
@@ -373,11 +399,39 @@ KEY_ALIASES = {
 }
 
 
+SFT_LR = 1e-3  # rank-1 SFT on the embedded task (the issue's and the paper's recipe scale)
+GRPO_LR = 1e-4  # rank-1 GRPO: SFT's 1e-3 collapses the policy (measured, see README Results)
+BOXED_INSTRUCTION = "Give only the final answer, in the form \\boxed{ANSWER}."
+
+
+def resolve_objective_defaults(cfg: Config) -> None:
+    """Fill the fields whose default depends on the objective or on where the adapter starts."""
+    if cfg.trainer.lr is None:
+        cfg.trainer.lr = GRPO_LR if cfg.trainer.objective == "grpo" else SFT_LR
+    if cfg.rewards.functions == ["auto"]:
+        cfg.rewards.functions = ["math"] if cfg.adapter.init else ["math", "format"]
+    if cfg.grpo.instruction == "auto":
+        cfg.grpo.instruction = BOXED_INSTRUCTION
+        if cfg.adapter.init:
+            run = Path(cfg.adapter.init).resolve().parent / "config.yaml"  # RUN/adapter's run, if rank1 trained it
+            trained = yaml.safe_load(run.read_text()) if run.is_file() else None
+            objective = ((trained or {}).get("trainer") or {}).get("objective")
+            cfg.grpo.instruction = ((trained or {}).get("grpo") or {}).get("instruction") if objective == "grpo" else None
+
+
 def cross_checks(cfg: Config) -> None:
     """Rules relating two fields of the tree (single-field ranges and choices are in the types)."""
+    resolve_objective_defaults(cfg)
     if len(cfg.trainer.betas) != 2 or not all(0 <= b < 1 for b in cfg.trainer.betas):
         raise ConfigError(f"trainer.betas: expected two numbers in [0, 1), got {cfg.trainer.betas}")
     if not cfg.adapter.target_modules:
         raise ConfigError("adapter.target_modules: name at least one module")
+    if cfg.adapter.full_finetune:
+        if cfg.trainer.objective != "sft":
+            raise ConfigError("adapter.full_finetune: the full fine-tune baseline trains SFT only (trainer.objective sft)")
+        if cfg.trainer.zero_stage not in ("auto", 0, "0") or cfg.adapter.init:
+            raise ConfigError("adapter.full_finetune: a small-model baseline at trainer.zero_stage 0, from the base (no adapter.init)")
+        if cfg.export.push_to_hub:
+            raise ConfigError("adapter.full_finetune: the baseline's model is not pushed (export.push_to_hub is for adapters)")
     if cfg.eval.n is not None and cfg.eval.n < cfg.eval.k:
         raise ConfigError(f"eval.n: {cfg.eval.n} samples cannot give pass@{cfg.eval.k} (eval.k); use eval.n >= eval.k")

@@ -52,7 +52,7 @@ def prepare_output_dir(cfg: Config) -> Path:
     has_state = (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).glob("step-*"))
     if cfg.trainer.resume and not has_state:
         raise ConfigError(f"--resume: {out} has no complete checkpoint to resume from")
-    if not cfg.trainer.resume and (has_state or (out / "adapter").exists()):
+    if not cfg.trainer.resume and (has_state or (out / "adapter").exists() or (out / "model").exists()):
         raise ConfigError(f"--output-dir {out} already holds a run; pass --resume to continue it or choose another directory")
     if cfg.trainer.resume and (out / "config.yaml").is_file():
         check_resume_config(yaml.safe_load((out / "config.yaml").read_text()) or {}, cfg)

@@ -39,8 +39,10 @@ class Benchmark:
 
 
 REASONING_TOKENS = 32_768
+VALIDATION_OFFSET = 1000  # arithmetic-val: held-out problems 1000.. (the reported `arithmetic` set uses the first ones)
 BENCHMARKS = {
     "arithmetic": Benchmark(None, None, "question", "gsm8k", 64, False),
+    "arithmetic-val": Benchmark(None, None, "question", "gsm8k", 64, False),  # for choosing settings: never the reported set
     "math500": Benchmark("math500/test.jsonl", ("HuggingFaceH4/MATH-500", None, "test"), "problem", "latex", REASONING_TOKENS, True),
     "gsm8k": Benchmark("gsm8k/test.jsonl", ("openai/gsm8k", "main", "test"), "question", "gsm8k", 1024, False),
     "aime24": Benchmark("aime24/test.jsonl", ("HuggingFaceH4/aime_2024", None, "train"), "problem", "latex", REASONING_TOKENS, True),
@@ -52,8 +54,11 @@ CUSTOM = Benchmark(None, None, "problem", "auto", REASONING_TOKENS, True)
 def load_problems(name_or_path: str, limit: int | None, training_rows: int = 0) -> tuple[list[dict], str]:
     """[{question, gold}], gold format. Rows name their file and line in errors."""
     bench = BENCHMARKS.get(name_or_path)
-    if name_or_path == "arithmetic":
-        rows = heldout_arithmetic_rows(limit or 200, training_rows)
+    if name_or_path in ("arithmetic", "arithmetic-val"):
+        # The validation problems follow the first VALIDATION_OFFSET held-out ones: disjoint from every test set
+        # up to that size, and from training like them.
+        skip = VALIDATION_OFFSET if name_or_path == "arithmetic-val" else 0
+        rows = heldout_arithmetic_rows(skip + (limit or 200), training_rows)[skip:]
         return [{"question": r["question"], "gold": r["answer"]} for r in rows], bench.gold_format
     if bench:
         root = os.environ.get("RANK1_DATA_DIR")
@@ -126,7 +131,7 @@ def build_eval_set(cfg: Config, tokenizer, run: Config | None = None) -> EvalSet
     """The problems of eval.data as prompts the way the adapter was trained, and the generation length."""
     e = cfg.eval
     bench = BENCHMARKS.get(e.data, CUSTOM)
-    problems, gold_format = load_problems(e.data, e.heldout_rows if e.data == "arithmetic" and e.limit is None else e.limit,
+    problems, gold_format = load_problems(e.data, e.heldout_rows if e.data.startswith("arithmetic") and e.limit is None else e.limit,
                                           (run or cfg).data.arithmetic_rows)
     if e.prompt == "auto" and run is not None:
         from rank1.driver.run import make_objective
@@ -213,7 +218,8 @@ def evaluate(cfg: Config) -> dict:
     out = Path(e.out or (Path(e.adapter).parent / "eval" if e.adapter else "eval"))
 
     init_ray(cfg.cluster)
-    engines = EngineGroup.from_config(cfg.rollout, model_path, seed=cfg.seed, model=cfg.model)
+    engines = EngineGroup.from_config(cfg.rollout, model_path, seed=cfg.seed, model=cfg.model,
+                                      max_lora_rank=adapter[1].get("r", 1) if adapter else 1)
     cfg.rewards.gold_format = evalset.gold_format
     cfg.rewards.functions = ["math"]  # pass@k counts correct answers only, whatever training rewarded
     rewards = RewardPool(cfg.rewards)

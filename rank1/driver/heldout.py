@@ -13,7 +13,7 @@ import dataclasses
 from rank1.core.workers import init_ray
 from rank1.driver.evaluate import score_eval_set
 from rank1.driver.metrics import log
-from rank1.driver.rollouts import push_learner_adapter
+from rank1.driver.rollouts import lora_rank, push_learner_adapter
 from rank1.rewards.pool import RewardPool
 from rank1.rollout.actors import EngineGroup
 from rank1.rollout.engine import probe_token_ids
@@ -24,7 +24,8 @@ class HeldoutEval:
         self.cfg, self.rollouts, self.evalset = cfg, rollouts, evalset
         init_ray(cfg.cluster)
         # A GRPO run's engines already serve the learners' adapter after every sync; an SFT run needs its own.
-        self.engines = rollouts.engines if rollouts is not None else EngineGroup.from_config(cfg.rollout, model_path, cfg.seed, cfg.model)
+        self.engines = rollouts.engines if rollouts is not None else EngineGroup.from_config(cfg.rollout, model_path, cfg.seed, cfg.model,
+                                                                                                   lora_rank(cfg))
         self.probe_ids, self.last_probes = probe_token_ids(tokenizer), {}
         try:
             self.rewards = RewardPool(dataclasses.replace(cfg.rewards, functions=["math"], gold_format=self.evalset.gold_format))
@@ -41,6 +42,9 @@ class HeldoutEval:
         previous = self.last_probes.get(run)
         _, self.last_probes[run] = push_learner_adapter(self.engines, learners, self.probe_ids, probe_tolerance(self.cfg),
                                                         version=step, previous=previous, run=run)
+        return self.score(step, run)
+
+    def score(self, step: int, run: int | None = None) -> dict:
         _, summary = score_eval_set(self.engines, self.rewards, self.evalset, self.cfg, progress=False, slot=run or 0)
         low, high = summary["pass@1_ci95"]
         who = "" if run is None else f" of run {run}"
@@ -53,3 +57,19 @@ class HeldoutEval:
             self.engines.shutdown()
         if getattr(self, "rewards", None) is not None:
             self.rewards.close()
+
+
+class FullModelEval(HeldoutEval):
+    """Held-out accuracy of the full fine-tune baseline (adapter.full_finetune): no adapter to push, so
+    step 0 scores the base the engines load, and later steps write the whole model and start engines on it."""
+
+    def __init__(self, cfg, model_path: str, tokenizer, evalset, out):
+        super().__init__(cfg, model_path, tokenizer, evalset)
+        self.folder = out / "eval-model"
+
+    def __call__(self, learners, step: int, run: int | None = None) -> dict:
+        if step > 0:
+            learners.call("save_adapter", str(self.folder))  # the full learner writes the whole model
+            self.engines.shutdown()
+            self.engines = EngineGroup.from_config(self.cfg.rollout, str(self.folder), self.cfg.seed, self.cfg.model)
+        return self.score(step)

@@ -51,6 +51,15 @@ def check_engine_resources(cfg: Config, cluster_gpus: float) -> None:
                           f"tensor-parallel rank; set --rollout.gpus_per_engine 1 (and rollout.tensor_parallel_size)")
 
 
+def lora_rank(cfg: Config) -> int:
+    """The rank of the adapter a run trains: its adapter.init folder's, else adapter.r."""
+    if cfg.adapter.init:
+        from rank1.core.adapter_io import check_adapter_folder
+
+        return int(check_adapter_folder(cfg.adapter.init, "adapter.init").get("r", 1))
+    return cfg.adapter.r
+
+
 def push_learner_adapter(engines, learners, probe_ids: list[int], atol: float, version: int,
                          previous: list[float] | None, run: int | None = None) -> tuple[float, list[float]]:
     """The learners' adapter (tensors only) to every engine, proven against the learners' probe and the
@@ -74,7 +83,7 @@ class Rollouts:
         self.cfg, self.data = cfg, data
         self.probe_ids = probe_token_ids(tokenizer)
         self.atol = probe_tolerance(cfg)
-        self.engines = EngineGroup.from_config(cfg.rollout, model_path, seed=cfg.seed, model=cfg.model)
+        self.engines = EngineGroup.from_config(cfg.rollout, model_path, seed=cfg.seed, model=cfg.model, max_lora_rank=lora_rank(cfg))
         self._last_probe: list[float] | None = None
         try:
             self.rewards = RewardPool(cfg.rewards)

@@ -46,8 +46,11 @@ def make_learners(cfg: Config, model_path: str, total_steps: int, objective=None
     """The learner group: one in this process, or Ray actors in a placement group (actor_cls: --dry-run's probe)."""
     objective = objective or make_objective(cfg)
     n = cfg.trainer.num_learners
+    learner_cls = Learner
+    if cfg.adapter.full_finetune:  # the baseline that trains every weight
+        from rank1.trainer.full_learner import FullLearner as learner_cls
     if not uses_ray(cfg) and actor_cls is None:
-        return LocalGroup(Learner, (cfg.model, cfg.adapter, cfg.trainer, objective, model_path,
+        return LocalGroup(learner_cls, (cfg.model, cfg.adapter, cfg.trainer, objective, model_path,
                                     Placement(0, 1, "127.0.0.1", free_port()), total_steps, cfg.seed))
     init_ray(cfg.cluster)
     port: list[int] = []
@@ -59,7 +62,7 @@ def make_learners(cfg: Config, model_path: str, total_steps: int, objective=None
             return (placement,)
         return (cfg.model, cfg.adapter, cfg.trainer, objective, model_path, placement, total_steps, cfg.seed)
 
-    group = WorkerGroup(actor_cls or Learner, n, args, num_cpus=cfg.cluster.cpus_per_learner, num_gpus=cfg.cluster.gpus_per_learner,
+    group = WorkerGroup(actor_cls or learner_cls, n, args, num_cpus=cfg.cluster.cpus_per_learner, num_gpus=cfg.cluster.gpus_per_learner,
                         placement=cfg.cluster.placement, name="learner")
     if actor_cls is None:
         log("learners placed " + ", ".join(f"rank {r} on node {node[:12]}" for r, node in enumerate(group.node_ids())))
@@ -76,7 +79,12 @@ def train(cfg: Config) -> Path:
         return dry_run(cfg, objective)
     # Everything that can reject the input runs before the run directory is touched.
     model_path = resolve_model_path(cfg.model)
-    log(f"model {cfg.model.name_or_path}: {count_adapters_from_config(model_path, cfg.adapter, cfg.model.trust_remote_code).describe()}")
+    if cfg.adapter.full_finetune:
+        from rank1.core.model import parameter_count_from_config
+
+        log(f"model {cfg.model.name_or_path}: full fine-tune baseline, all {parameter_count_from_config(model_path):,} weights trained")
+    else:
+        log(f"model {cfg.model.name_or_path}: {count_adapters_from_config(model_path, cfg.adapter, cfg.model.trust_remote_code).describe()}")
     tokenizer = load_tokenizer(model_path, cfg.model)
     job = JOBS[objective.name][1](cfg, model_path, tokenizer, objective)
     log(job.describe())
@@ -88,6 +96,7 @@ def train(cfg: Config) -> Path:
     if cfg.export.push_to_hub:
         check_push_ready(cfg)  # a missing token fails now, not after hours of training
     out = prepare_output_dir(cfg)
+    artifact = "model" if cfg.adapter.full_finetune else "adapter"  # the full fine-tune baseline writes the whole model
 
     start = restore_point(out) if t.resume else 0
     began, heldout = time.perf_counter(), None
@@ -97,7 +106,12 @@ def train(cfg: Config) -> Path:
             if evalset is not None:
                 from rank1.driver.heldout import HeldoutEval
 
-                heldout = HeldoutEval(cfg, model_path, tokenizer, evalset, getattr(job, "rollouts", None))
+                if cfg.adapter.full_finetune:
+                    from rank1.driver.heldout import FullModelEval
+
+                    heldout = FullModelEval(cfg, model_path, tokenizer, evalset, out)
+                else:
+                    heldout = HeldoutEval(cfg, model_path, tokenizer, evalset, getattr(job, "rollouts", None))
             for attempt in range(cfg.cluster.max_learner_restarts + 1):
                 learners = make_learners(cfg, model_path, job.optimizer_steps, objective)
                 sink = MetricsSink(cfg, out, start)
@@ -108,7 +122,7 @@ def train(cfg: Config) -> Path:
                         log(f"resumed from {checkpoint} at step {start}")
                     evaluate = (lambda step, learners=learners: heldout(learners, step)) if heldout else None
                     job.loop(RunState(cfg, out, learners, sink, start, job.total_steps, signals, evaluate))
-                    learners.call("save_adapter", str(out / "adapter"))
+                    learners.call("save_adapter", str(out / artifact))
                     break
                 except WorkerDied as e:
                     if attempt == cfg.cluster.max_learner_restarts:
@@ -127,7 +141,7 @@ def train(cfg: Config) -> Path:
     plot_curve(out / "metrics.jsonl", out / png, key, label, f"rank1 {objective.name.upper()}")
     accuracy = (f"; held-out accuracy {100 * summary['heldout_start']:.1f} % -> {100 * summary['heldout_end']:.1f} % "
                 f"({summary['heldout_problems']} problems)") if "heldout_start" in summary else ""
-    log(f"adapter saved to {out / 'adapter'}{accuracy}")
+    log(f"{artifact} saved to {out / artifact}{accuracy}")
     if cfg.export.push_to_hub:
         log(f"pushed {push_run(out, cfg)} to {cfg.export.push_to_hub}")
     return out

@@ -20,7 +20,7 @@ from rank1.core.config import ConfigError
 from rank1.core.data import global_batch, load_prompt_data
 from rank1.driver.grpo import rollout_rows, split_rollouts, step_record
 from rank1.driver.loop import RunState, StepLoop
-from rank1.driver.rollouts import RolloutBatch, probe_tolerance, push_learner_adapter
+from rank1.driver.rollouts import RolloutBatch, lora_rank, probe_tolerance, push_learner_adapter
 from rank1.rollout.engine import SamplingSpec, probe_token_ids
 
 
@@ -62,7 +62,8 @@ class GRPOSweep:
         from rank1.rollout.actors import EngineGroup
 
         init_ray(self.cfg.cluster)
-        self.engines = EngineGroup.from_config(self.cfg.rollout, self.model_path, seed=self.cfg.seed, model=self.cfg.model)
+        self.engines = EngineGroup.from_config(self.cfg.rollout, self.model_path, seed=self.cfg.seed, model=self.cfg.model,
+                                               max_lora_rank=lora_rank(self.cfg))
         self.rewards = RewardPool(self.cfg.rewards)
         self.probe_ids, self.atol = probe_token_ids(self.tokenizer), probe_tolerance(self.cfg)
         self.last_probes: list = [None] * len(self.runs)

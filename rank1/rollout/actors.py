@@ -101,8 +101,11 @@ class EngineGroup:
         self.noises: dict[int, float] = {}  # slot -> engines' distance from the learner's probe at the last accepted sync
 
     @classmethod
-    def from_config(cls, cfg: RolloutConfig, model_path: str, seed: int = 0, model: ModelConfig | None = None) -> EngineGroup:
-        return cls(cfg.backend, model_path, cfg.num_engines, engine_kwargs(cfg, model, seed), max_restarts=cfg.max_restarts,
+    def from_config(cls, cfg: RolloutConfig, model_path: str, seed: int = 0, model: ModelConfig | None = None,
+                    max_lora_rank: int = 1) -> EngineGroup:
+        """`max_lora_rank`: the rank of the adapters it will serve (LoRA mode sizes its buffers by it)."""
+        kwargs = dict(engine_kwargs(cfg, model, seed), max_lora_rank=max_lora_rank)
+        return cls(cfg.backend, model_path, cfg.num_engines, kwargs, max_restarts=cfg.max_restarts,
                    num_cpus_per_engine=cfg.cpus_per_engine, num_gpus_per_engine=cfg.gpus_per_engine,
                    tensor_parallel_size=cfg.tensor_parallel_size, timeout_s=cfg.timeout_s, threads=cfg.threads_per_engine)
 

@@ -85,7 +85,9 @@ class VLLMEngine(RolloutEngine):
         self.max_adapters = max_adapters
         lora = adapter_mode == "lora"
         # One LoRA slot per adapter served at once (a sweep's runs): vLLM batches requests of different LoRAs together.
-        lora_args = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_adapters, max_cpu_loras=max_adapters) if lora else {}
+        # vLLM takes only these ranks (MaxLoRARanks); a rank-r adapter is served from the next one up.
+        lora_rank = next((r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= max_lora_rank), max_lora_rank)
+        lora_args = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=max_adapters, max_cpu_loras=max_adapters) if lora else {}
         # Read when the engine is built: a small KV cache (the box is shared) and no engine-core process.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
