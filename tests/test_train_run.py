@@ -145,7 +145,7 @@ def test_continued_adapter_keeps_its_own_config(tmp_path, model_path):
 @pytest.mark.slow
 def test_held_out_accuracy_at_the_start_and_end_of_a_run(tmp_path):
     out = tmp_path / "run"
-    result = run_rank1("train", *[a for a in SMALL if a not in ("--eval.in_training", "false")], "--max-steps", "4",
+    result = run_rank1("train", *SMALL, "--eval.in_training", "true", "--max-steps", "4",
                        "--eval.heldout_rows", "12", "--eval.max_new_tokens", "24", "--rollout.backend", "transformers",
                        "--cluster.local_num_cpus", "2", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -42,12 +42,19 @@ class StopSignals:
         self._previous: dict = {}
 
     def __enter__(self) -> StopSignals:
+        self.arm()
+        return self
+
+    def arm(self) -> None:
+        """Install the handlers, again if something replaced them: ray.init sets its own SIGTERM handler
+        (sys.exit; with Ray's C++ handler the driver then aborts) when the first actor group starts, after
+        this object was entered, so the loop arms again before every step."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                current = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (an embedding program): no pre-emption handling
-                pass
-        return self
+                continue
+            self._previous.setdefault(sig, current)
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None:
@@ -87,6 +94,7 @@ class StepLoop:
             self.run.sink.write({"step": 0, **self.run.evaluate(0)})
         try:
             for step in range(self.run.start, self.run.total):
+                self.run.signals.arm()  # an actor group started since (held-out engines, restarts) may have replaced it
                 self.began = time.perf_counter()
                 yield step
         finally:

@@ -26,9 +26,11 @@ import torch
 from rank1.rollout.engine import AdapterReceipt, adapter_digest, max_abs_diff
 
 # How far an engine's probe logprobs may be from the learner's: fp32 engines agree to ~1e-5; bf16 weights
-# (or a bf16 learner) move SmolLM2's 26 probe logprobs by up to 0.32 per token (measured over random
-# adapters). The tolerance of a sync is the sum of both sides' (rank1.driver.rollouts.probe_tolerance).
-PROBE_NOISE = {"float32": 5e-4, "bfloat16": 0.5}
+# (or a bf16 learner) move SmolLM2's 26 probe logprobs by up to 0.32 per token on a CPU with native bf16
+# and up to 0.52 on one without it (AMD EPYC, emulated bf16 matmuls), over random adapters. The bf16 bound
+# is loose on purpose: the distance-to-both-versions check below is what tells versions apart in bf16.
+# The tolerance of a sync is the sum of both sides' (rank1.driver.rollouts.probe_tolerance).
+PROBE_NOISE = {"float32": 5e-4, "bfloat16": 1.0}
 
 
 class AdapterSyncError(RuntimeError):

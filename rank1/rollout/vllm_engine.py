@@ -229,3 +229,21 @@ def reload_merged(worker, model_path: str, names: list[str], deltas: dict, dtype
         logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").setLevel(logging.ERROR)
     weights = merged_weights(BaseWeights(model_path), names, deltas, getattr(torch, dtype))
     worker.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS after a reload (glibc only; a no-op elsewhere).
+
+    On CPU vLLM keeps each linear weight only inside a packed oneDNN handle, so a reload allocates every
+    rebuilt layer afresh and frees the old one: ~425 MB of MB-sized buffers per sync on SmolLM2. glibc keeps
+    such frees in its heap, so the process's resident memory wandered by ±50 MB from sync to sync (measured
+    over 50 syncs: 2,746-2,812 MB, 2,397 MB after a trim) although nothing was retained."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
