@@ -149,3 +149,22 @@ def test_plan_gpu_choices_are_the_plans_table():
     from rank1.driver.plan import GPUS
 
     assert typing.get_args(field_types(PlanConfig)["gpu"]) == tuple(GPUS)
+
+
+def test_defaults_follow_the_objective_and_where_the_adapter_starts(tmp_path):
+    from rank1.core.config import BOXED_INSTRUCTION, GRPO_LR, SFT_LR
+
+    sft, grpo = load_config([]), load_config(["--objective", "grpo"])
+    assert (sft.trainer.lr, grpo.trainer.lr) == (SFT_LR, GRPO_LR)
+    assert grpo.rewards.functions == ["math", "format"] and grpo.grpo.instruction == BOXED_INSTRUCTION
+    assert load_config(["--objective", "grpo", "--lr", "3e-5"]).trainer.lr == 3e-5  # what the user says wins
+    run = tmp_path / "sft-run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("trainer:\n  objective: sft\n")
+    after_sft = load_config(["--objective", "grpo", "--adapter.init", str(run / "adapter")])
+    # From an SFT adapter: its prompts (the bare question) and correctness alone (the format is learned).
+    assert after_sft.grpo.instruction is None and after_sft.rewards.functions == ["math"]
+    (run / "config.yaml").write_text("trainer:\n  objective: grpo\ngrpo:\n  instruction: Think.\n")
+    assert load_config(["--objective", "grpo", "--adapter.init", str(run / "adapter")]).grpo.instruction == "Think."
+    kept = load_config(["--objective", "grpo", "--adapter.init", str(run / "adapter"), "--grpo.instruction", "Be brief."])
+    assert kept.grpo.instruction == "Be brief."

@@ -229,8 +229,10 @@ def _parse_raw(raw: str, tp: Any) -> Any:
     inner, optional = _optional_inner(tp)
     if optional and raw.lower() in ("null", "none", "~"):
         return None
-    if inner is str or (typing.get_origin(inner) is list and typing.get_args(inner)[0] is str):
+    if inner is str:
         return raw
+    if typing.get_origin(inner) is list and typing.get_args(inner)[0] is str and not raw.lstrip().startswith("["):
+        return raw  # a, b, c (split later); [a, b] is read as YAML like any other list
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
