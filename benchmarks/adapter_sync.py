@@ -93,7 +93,7 @@ def measure(mode: str, args) -> dict:
         engine.load_adapter(tensors, config, 3 * i + 1)
         verified.append(time.perf_counter() - t)
         t = time.perf_counter()
-        engine._swap_adapter(tensors, config, 3 * i + 2)  # the swap alone, no probe
+        engine._swap_adapter(tensors, config, 3 * i + 2, 0)  # the swap alone (slot 0), no probe
         bare.append(time.perf_counter() - t)
         t = time.perf_counter()
         engine.score([engine.probe_token_ids()])  # first request after the swap

@@ -57,14 +57,14 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rank1.core.config import AdapterConfig, GRPOConfig as Rank1GRPO, ModelConfig
+    from rank1.core.config import BOXED_INSTRUCTION, AdapterConfig, ModelConfig
     from rank1.core.data import arithmetic_rows
     from rank1.core.model import load_tokenizer, lora_config, resolve_model_path
     from rank1.rewards.grading import format_reward, math_reward
 
     path = resolve_model_path(ModelConfig(name_or_path=args.model))
     tokenizer = load_tokenizer(path, ModelConfig(name_or_path=args.model))
-    instruction = Rank1GRPO().instruction
+    instruction = BOXED_INSTRUCTION  # rank1's grpo.instruction from the base (no adapter.init)
     rows = [{"prompt": [{"role": "user", "content": f"{r['question']} {instruction}"}], "gold": r["answer"]} for r in arithmetic_rows(2000)]
 
     def math(completions, gold, **_):
@@ -94,11 +94,26 @@ def run_trl(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=[math, answer_format], args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=lora_config(AdapterConfig()), callbacks=[timer])
+    # TRL's split: time inside its generation + scoring step (_generate_and_score_completions), the rest is learning.
+    inner, spent = trainer._generate_and_score_completions, []
+
+    def timed_generation(*a, **kw):
+        began = time.perf_counter()
+        try:
+            return inner(*a, **kw)
+        finally:
+            spent.append(time.perf_counter() - began)
+
+    trainer._generate_and_score_completions = timed_generation
     trainer.train()
     logged = [h for h in trainer.state.log_history if "reward_std" in h][args.warmup :]
     no_signal = [i for i, h in enumerate(logged) if h["reward_std"] == 0.0]  # TRL runs these steps' backward all the same
     timed = [t for i, t in enumerate(timer.times[args.warmup :]) if i not in no_signal]
-    return {"seconds_per_learning_step": sum(timed) / max(1, len(timed)), "learning_steps": len(timed), "skipped_steps": 0,
+    generation = [g for i, g in enumerate(spent[args.warmup :]) if i not in no_signal]
+    gen = sum(generation) / max(1, len(generation))
+    total = sum(timed) / max(1, len(timed))
+    return {"seconds_per_learning_step": total, "learning_steps": len(timed), "skipped_steps": 0,
+            "split": {"generate+reward": gen, "learn": total - gen},
             "steps_without_signal": len(no_signal), "reward_first": logged[0]["reward"] if logged else None,
             "reward_last": logged[-1]["reward"] if logged else None}
 
@@ -125,7 +140,8 @@ def main() -> None:
     split = ", ".join(f"{k} {v:.1f}" for k, v in r["split"].items())
     print(f"rank1: {r['seconds_per_learning_step']:.1f} s per learning step ({split}); {r['learning_steps']} learning, "
           f"{r['skipped_steps']} skipped (all rewards equal); generation {r['generated_tokens_per_s']:.0f} tokens/s")
-    print(f"TRL:   {t['seconds_per_learning_step']:.1f} s per learning step; {t['learning_steps']} with signal, "
+    trl_split = ", ".join(f"{k} {v:.1f}" for k, v in t["split"].items())
+    print(f"TRL:   {t['seconds_per_learning_step']:.1f} s per learning step ({trl_split}); {t['learning_steps']} with signal, "
           f"{t['steps_without_signal']} without (run, not counted)")
     print(f"ratio rank1/TRL time per learning step: {r['seconds_per_learning_step'] / t['seconds_per_learning_step']:.2f}x")
 

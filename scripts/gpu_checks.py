@@ -159,15 +159,16 @@ def capture(state) -> str:
     return f"{tuple(acts.shape)} on {acts.device}"
 
 
-def vllm_engine(state) -> str:
-    """vLLM with the rank-1 LoRA on the GPU (CUDA graphs): the sync's probe against the learner, and generation."""
+def vllm_engine(state, adapter_mode: str = "lora") -> str:
+    """vLLM with the rank-1 adapter on the GPU (CUDA graphs), through LoRA or merged into the weights: the sync's
+    probe against the learner, and generation speed (which mode to use where: the README's Rollouts section)."""
     from rank1.core.logprobs import sequence_logprobs
     from rank1.rollout.engine import SamplingSpec, adapter_digest, max_abs_diff
     from rank1.rollout.sync import PROBE_NOISE, check_receipts
     from rank1.rollout.vllm_engine import VLLMEngine
 
     name = "bfloat16" if state["dtype"] == torch.bfloat16 else "float32"
-    engine = VLLMEngine(state["model"], dtype=name, max_model_len=1024, gpu_memory_utilization=0.3)
+    engine = VLLMEngine(state["model"], dtype=name, max_model_len=1024, gpu_memory_utilization=0.3, adapter_mode=adapter_mode)
     receipt = engine.load_adapter(state["adapter"], state["peft_config"], 1)
     expected = sequence_logprobs(state["learner"], engine.probe_token_ids())
     check_receipts([receipt], 1, adapter_digest(state["adapter"]), expected, 2 * PROBE_NOISE[name])
@@ -175,7 +176,13 @@ def vllm_engine(state) -> str:
     began = time.perf_counter()
     out = engine.generate(prompts, SamplingSpec(max_new_tokens=64, temperature=1.0, seed=0))
     tokens = sum(len(c.token_ids) for c in out)
-    return f"probe max diff {max_abs_diff(receipt.probe_logprobs, expected):.3g}, {tokens / (time.perf_counter() - began):.0f} tok/s at batch 32"
+    rate = tokens / (time.perf_counter() - began)
+    del engine  # its GPU memory back before the next engine starts
+    return f"probe max diff {max_abs_diff(receipt.probe_logprobs, expected):.3g}, {rate:.0f} tok/s at batch 32"
+
+
+def vllm_merged(state) -> str:
+    return vllm_engine(state, "merged")
 
 
 def ray_device(state) -> str:
@@ -202,5 +209,6 @@ CHECKS = [
     ("transformers engine sync + probe", engine_sync, ()),
     ("activation capture", capture, ()),
     ("vLLM engine (LoRA)", vllm_engine, ("vllm",)),
+    ("vLLM engine (merged)", vllm_merged, ("vllm",)),
     ("Ray actor device", ray_device, ("ray",)),
 ]

@@ -101,3 +101,15 @@ def test_arithmetic_eval_set_is_held_out():
     assert not training & {r["question"] for r in heldout}
     assert heldout == heldout_arithmetic_rows(500)  # fixed: every run and `rank1 eval` see the same problems
     assert heldout_arithmetic_rows(200) == heldout[:200]
+
+
+def test_eval_context_is_the_models_own_and_validation_is_disjoint_from_test(model_path):
+    """`rank1 eval` sizes its engines by the model's context (SmolLM2: 8,192), not a training rollout's 2,048;
+    the arithmetic-val problems used to pick learning rates share no question with the arithmetic test set."""
+    from rank1.core.flags import load_config
+    from rank1.driver.evaluate import load_problems, model_context
+
+    assert model_context(model_path, load_config([])) == 8192
+    test, _ = load_problems("arithmetic", 1000)
+    validation, _ = load_problems("arithmetic-val", 500)
+    assert len(validation) == 500 and not {p["question"] for p in test} & {p["question"] for p in validation}

@@ -92,21 +92,30 @@ def test_each_swept_adapter_equals_its_solo_run_and_a_killed_sweep_resumes(tmp_p
     first, other = adapter(runs[0]), adapter(runs[2])
     assert max(float((first[k] - other[k]).abs().max()) for k in first) > 1e-3
 
-    # SIGKILL after the first checkpoint, then --resume: the same four adapters.
+    # Each run keeps its own checkpoints: the adapter at every checkpoint, in its own folder (what `rank1 export` takes).
+    for run in runs:
+        assert json.loads((run / "checkpoints" / "step-000002" / "adapter" / "adapter_config.json").read_text())["r"] == 1
+
+    # The same sweep on 2 learners (Ray actors) with the base sharded by ZeRO-3, SIGKILLed after its first
+    # checkpoint and resumed: the same four adapters, up to the float reassociation of the 2-rank reduction.
     killed = tmp_path / "killed"
+    sharded = [*sweep_args, "--trainer.num_learners", "2", "--trainer.zero_stage", "3", "--cluster.local_num_cpus", "2",
+               "--cluster.local_object_store_mb", "256"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "rank1.cli", "sweep", *sweep_args, "--output-dir", str(killed)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "rank1.cli", "sweep", *sharded, "--output-dir", str(killed)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while not (killed / "checkpoints" / "step-000002").exists():
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before its first checkpoint"
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the learner actors it started
     proc.wait()
-    resumed = run_rank1("sweep", *sweep_args, "--output-dir", str(killed), "--resume")
+    resumed = run_rank1("sweep", *sharded, "--output-dir", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for run in runs:
-        assert (killed / run.name / "adapter" / "adapter_model.safetensors").read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
+        a, b = adapter(run), load_file(str(killed / run.name / "adapter" / "adapter_model.safetensors"))
+        assert sum(t.numel() for t in b.values()) == 305_280  # gathered from both shards
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, run.name
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -114,6 +123,7 @@ def test_each_swept_adapter_equals_its_solo_run_and_a_killed_sweep_resumes(tmp_p
     (["--trainer.lr", "1e-3,"], "has an empty value in its list"),
     (["--seed", "0,1,2", "--sweep.max_runs", "2"], "3 runs, over sweep.max_runs=2"),
     (["--trainer.lr", "fast,1e-3"], "trainer.lr: expected a number"),
+    (["--objective", "grpo", "--seed", "0,1,2", "--rollout.max_adapters", "2"], "3 runs need 3 adapter slots per engine"),
 ])
 def test_bad_sweeps_are_refused_naming_the_field(tmp_path, flags, message):
     result = run_rank1("sweep", *SMALL, *flags, "--max-steps", "1", "--output-dir", str(tmp_path / "s"))
@@ -166,3 +176,23 @@ def test_grpo_sweep_serves_each_run_from_its_own_vllm_adapter(tmp_path, model_pa
         logprobs.append(logits.gather(-1, ids[0, 1:, None]).squeeze(-1))
     apart = float((logprobs[0] - logprobs[1]).abs().mean())
     assert apart > 0.05, (apart, gaps)
+
+
+def test_runs_from_a_yaml_list(tmp_path):
+    from rank1.core.flags import load_config
+    from rank1.driver.sweep import run_configs, run_overrides
+
+    listed = tmp_path / "runs.yaml"
+    listed.write_text("- {trainer.lr: 1.0e-4, seed: 1}\n- {trainer.lr: 3.0e-4}\n")
+    cfg = load_config(["--output-dir", str(tmp_path / "s"), "--sweep.runs", str(listed)])
+    runs = run_configs(cfg, run_overrides(cfg, {}))
+    assert [(r.trainer.lr, r.seed) for r in runs] == [(1e-4, 1), (3e-4, 0)]
+    assert [Path(r.logging.output_dir).name for r in runs] == ["run-00-lr0.0001-seed1", "run-01-lr0.0003"]
+    from rank1.core.config import ConfigError
+
+    for text, message in (("{trainer.lr: 1e-4}", "expected a YAML list of mappings"), ("[{model.name_or_path: x}]", "cannot vary")):
+        listed.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            run_overrides(cfg, {})
+    with pytest.raises(ConfigError, match="no such file"):
+        run_overrides(load_config(["--sweep.runs", str(tmp_path / "missing.yaml")]), {})

@@ -25,6 +25,15 @@ class AdapterFolderError(ModelError):
     """An adapter folder that cannot be read or written; the message names it."""
 
 
+def fresh_tmp_dir(final: Path, atomic: bool = True) -> Path:
+    """An empty folder beside `final` to build it in (`final` itself when not atomic): replace_dir swaps it in."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}") if atomic else final
+    if atomic:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=not atomic)
+    return tmp
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Swap a finished folder into place: readers see the old folder or the whole new one."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -92,10 +101,7 @@ def write_adapter(folder: str | Path, tensors: dict, peft_config, base_model: st
     check_tensors(tensors)
     folder = Path(folder)
     target = getattr(torch, DTYPES[dtype]) if dtype else None
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}") if atomic else folder
-    if atomic:
-        shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_tmp_dir(folder, atomic)
     cast = {k: (v.to(target) if target is not None and v.is_floating_point() else v).detach().to("cpu").contiguous()
             for k, v in tensors.items()}
     save_file(cast, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -106,6 +112,25 @@ def write_adapter(folder: str | Path, tensors: dict, peft_config, base_model: st
     if atomic:
         replace_dir(tmp, folder)
     return (folder / WEIGHTS).stat().st_size
+
+
+def adapter_shapes(folder: str | Path) -> dict[str, tuple[int, int]]:
+    """module name -> (in_features, out_features) the adapter was trained for, read from the file's header."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    with safe_open(str(Path(folder) / WEIGHTS), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            module = key.removeprefix("base_model.model.").split(".lora_")[0]
+            shape = f.get_slice(key).get_shape()
+            entry = shapes.setdefault(module, [0, 0])
+            if ".lora_A." in key:
+                entry[0] = shape[1]  # A: (r, in)
+            else:
+                entry[1] = shape[0]  # B: (out, r)
+    return {k: (v[0], v[1]) for k, v in shapes.items()}
 
 
 def resolve_base(adapter_config: dict, model_cfg):

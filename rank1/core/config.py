@@ -178,6 +178,9 @@ class EvalConfig:
     n: int | None = knob(None, gt=0)  # samples per problem for pass@k; None = k
     temperature: float = knob(1.0, gt=0)
     max_new_tokens: int | None = knob(None, gt=0)  # None: the benchmark's (arithmetic 64, reasoning sets 32,768), within the context
+    # `rank1 eval`'s engines: prompt + answer tokens; None: the model's own context (max_position_embeddings),
+    # not rollout.max_model_len (a training rollout's), so reasoning traces are not cut
+    max_model_len: int | None = knob(None, gt=1)
     prompt: Literal["auto", "bare", "instruction"] = "auto"  # auto: as the adapter's run was trained
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
     heldout_rows: int = knob(200, gt=0, le=1000)  # the arithmetic set: problems from another seed, none in training (arithmetic-val starts at 1000)
@@ -196,7 +199,9 @@ class ClusterConfig:
     local_num_gpus: int | None = knob(None, ge=0)  # ... GPUs to declare (a simulated GPU node on CPU for --dry-run)
     local_object_store_mb: int = knob(512, ge=80)  # ... and its object store: only adapter tensors and batches go through it
     cpus_per_learner: float = knob(1.0, ge=0)
-    gpus_per_learner: float = knob(0.0, ge=0)
+    # A learner is one DeepSpeed rank on one device: more GPUs take more learners (with ZeRO-3 sharding), and
+    # several GPUs for one process are for engines (rollout.tensor_parallel_size). Fractions share a GPU.
+    gpus_per_learner: float = knob(0.0, ge=0, le=1)
 
 
 @dataclass

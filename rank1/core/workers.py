@@ -105,11 +105,12 @@ class WorkerGroup:
 
     # ------------------------------------------------------------ every worker at once
 
-    def call(self, method: str, *args, per_rank: Sequence[tuple] | None = None) -> list[Any]:
-        """`method` on every worker (rank r gets per_rank[r] when given); results in rank order."""
+    def call(self, method: str, *args, per_rank: Sequence[tuple] | None = None, only: Sequence[int] | None = None) -> list[Any]:
+        """`method` on every worker (rank r gets per_rank[r] when given), or on the ranks in `only`; results in rank order."""
         import ray
 
-        refs = [getattr(w, method).remote(*(per_rank[i] if per_rank else args)) for i, w in enumerate(self.workers)]
+        ranks = range(self.size) if only is None else only
+        refs = [getattr(self.workers[i], method).remote(*(per_rank[i] if per_rank else args)) for i in ranks]
         try:
             # Wait for whichever finishes first: when a worker dies its peers may hang in a collective
             # waiting for it, so a plain ray.get in rank order could block forever on a live one.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from rank1.core.adapter_io import fresh_tmp_dir, replace_dir
 from rank1.core.config import Config, ConfigError
 from rank1.core.flags import from_dict, to_dict, to_yaml
 
@@ -145,16 +146,14 @@ def restore_point(out: Path) -> int:
 
 def save_checkpoint(out: Path, step: int, learners, keep: int, extra: dict | None = None) -> Path:
     root = out / CHECKPOINTS
-    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = root / f"step-{step:06d}"
+    tmp = fresh_tmp_dir(final)  # the checkpoint exists only once it is whole (replace_dir)
     try:
-        tmp.mkdir(parents=True)
         learners.call("save_checkpoint", str(tmp))
         learners.call("save_adapter", str(tmp / "adapter"))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
         write_manifest(tmp, step)
-        shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of the same step, passed over on resume
-        tmp.rename(final)  # the checkpoint exists only once it is whole
+        replace_dir(tmp, final)  # over a damaged checkpoint of the same step, passed over on resume
     except (OSError, RuntimeError) as e:
         from rank1.core.workers import WorkerDied
 

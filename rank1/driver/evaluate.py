@@ -9,7 +9,7 @@ training questions), and `math500`, `gsm8k`, `aime24`, `amc23` from RANK1_DATA_D
 like `../shared/data`) when it is set, otherwise from the Hub; any JSONL file with a question field and
 an answer field works too. The prompt follows how the adapter was trained (eval.prompt auto): the bare
 question for SFT runs (s1K-style traces included), the run's instruction for GRPO runs; reasoning sets
-get up to 32,768 new tokens (bounded by rollout.max_model_len), as the paper's evaluation.
+get up to 32,768 new tokens (bounded by the model's context, or eval.max_model_len), as the paper's evaluation.
 """
 
 from __future__ import annotations
@@ -148,13 +148,14 @@ def build_eval_set(cfg: Config, tokenizer, run: Config | None = None) -> EvalSet
         ids = tokenizer.apply_chat_template(system + [{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False)
         prompts.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
-    room = cfg.rollout.max_model_len - max(len(p) for p in prompts)
+    context = cfg.rollout.max_model_len  # `rank1 eval`: eval.max_model_len or the model's; in training: the engines'
+    room = context - max(len(p) for p in prompts)
     if room < 1:
-        raise DataError(f"eval.data {e.data}: the longest prompt has {cfg.rollout.max_model_len - room} tokens, which leaves no "
-                        f"room to answer within rollout.max_model_len={cfg.rollout.max_model_len}")
+        raise DataError(f"eval.data {e.data}: the longest prompt has {context - room} tokens, which leaves no "
+                        f"room to answer within a context of {context} (eval.max_model_len)")
     wanted = e.max_new_tokens or bench.max_new_tokens
     if wanted > room:
-        log(f"eval: {wanted} new tokens capped at {room} (rollout.max_model_len {cfg.rollout.max_model_len} minus the longest prompt)")
+        log(f"eval: {wanted} new tokens capped at {room} (a context of {context} minus the longest prompt)")
     return EvalSet(e.data, problems, prompts, gold_format, min(wanted, room))
 
 
@@ -198,6 +199,13 @@ def score_eval_set(engines, rewards, evalset: EvalSet, cfg: Config, samples: int
     return records, summary
 
 
+def model_context(model_path: str, cfg: Config) -> int:
+    """The model's own context length (max_position_embeddings), else rollout.max_model_len."""
+    from rank1.core.model import load_model_config
+
+    return getattr(load_model_config(model_path, cfg.model.trust_remote_code), "max_position_embeddings", None) or cfg.rollout.max_model_len
+
+
 def evaluate(cfg: Config) -> dict:
     import ray
 
@@ -214,6 +222,7 @@ def evaluate(cfg: Config) -> dict:
     run = run_config_of(e.adapter)
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model)
+    cfg.rollout.max_model_len = e.max_model_len or model_context(model_path, cfg)
     evalset = build_eval_set(cfg, tokenizer, run)
     out = Path(e.out or (Path(e.adapter).parent / "eval" if e.adapter else "eval"))
 

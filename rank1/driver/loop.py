@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -68,6 +69,22 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+@contextmanager
+def job_session(job, make_heldout: Callable[[], object | None] = lambda: None):
+    """(signals, held-out evaluator) for a job's life: pre-emption armed, the job's engines open, the
+    evaluator built on them; the evaluator and the job are closed however the run ends."""
+    with StopSignals() as signals:
+        heldout = None
+        try:
+            job.open()
+            heldout = make_heldout()
+            yield signals, heldout
+        finally:
+            if heldout is not None:
+                heldout.close()
+            job.close()
+
+
 @dataclass
 class RunState:
     """What a loop needs of the run: set up by rank1.driver.run.train for each learner-group attempt."""
@@ -81,6 +98,7 @@ class RunState:
     signals: StopSignals
     evaluate: Callable[[int], dict] | None = None  # held-out accuracy at a step (None: not configured)
     extra_state: Callable[[], dict] = field(default=lambda: {})  # saved in trainer_state.json
+    on_checkpoint: Callable[[int], None] | None = None  # after each checkpoint (a sweep: every run's adapter in its own folder)
 
 
 class StepLoop:
@@ -116,6 +134,8 @@ class StepLoop:
         stopping = run.signals.requested is not None and done < run.total
         if done < run.total and (stopping or (t.checkpoint_every and done % t.checkpoint_every == 0)):
             checkpoint = save_checkpoint(run.out, done, run.learners, t.keep_checkpoints, run.extra_state())
+            if run.on_checkpoint is not None:
+                run.on_checkpoint(done)
             if stopping:
                 raise Preempted(done, checkpoint)
 

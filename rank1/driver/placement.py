@@ -92,14 +92,15 @@ def dry_run(cfg: Config, objective) -> Path:
     except (ValueError, OSError) as e:  # a model rank1 has no config for: placement is still checked
         log(f"no memory plan ({e})")
         learner_gb = engine_gb = "?"
-    lines = [f"{'actor':<10} {'rank':>4}  {'node':<14} {'CUDA_VISIBLE_DEVICES':<22} {'device':<8} {'GB':>6}"]
+    lines = [f"{'actor':<10} {'rank':>4} {'local':>5}  {'node':<14} {'CUDA_VISIBLE_DEVICES':<22} {'device':<8} {'GB':>6}"]
     for role, i, rep in rows:
         ranks = rep.get("tp_ranks") or [rep]
         visible = ",".join(x["cuda_visible_devices"] or "-" for x in ranks)
         device = rep["device"] if role == "learner" and cfg.trainer.device != "cpu" else ("cpu" if role != "engine" else
                  (f"{len(ranks)}×cuda" if any(x["gpu_ids"] for x in ranks) else "cpu"))
         gb = learner_gb if role == "learner" else engine_gb if role == "engine" else "-"
-        lines.append(f"{role:<10} {i:>4}  {rep.get('node_id', '')[:12]:<14} {visible:<22} {device:<8} {gb:>6}")
+        local = rep.get("node_rank", "-")  # a learner's rank among those on its node (its LOCAL_RANK is its device index)
+        lines.append(f"{role:<10} {i:>4} {local:>5}  {rep.get('node_id', '')[:12]:<14} {visible:<22} {device:<8} {gb:>6}")
     print("\n".join(lines))
     held = [g for role, _, rep in rows for x in (rep.get("tp_ranks") or [rep]) for g in _gpus(x)]
     fractional = any(0 < v < 1 for v in (c.gpus_per_learner, r.gpus_per_engine))

@@ -74,6 +74,11 @@ def push_learner_adapter(engines, learners, probe_ids: list[int], atol: float, v
     return time.perf_counter() - began, expected
 
 
+def rollout_seed(seed: int, step: int) -> int:
+    """The sampling seed of a step's rollouts: a pure function of (seed, step), so a resumed run samples the same."""
+    return seed * 100_003 + step
+
+
 class Rollouts:
     def __init__(self, cfg: Config, model_path: str, data: PromptData, tokenizer):
         import ray
@@ -91,17 +96,21 @@ class Rollouts:
             self.engines.shutdown()
             raise
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+        self._grader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade")
 
     def sample(self, step: int) -> RolloutBatch:
         g = self.cfg.grpo
         rows = [self.data.rows[i] for i in global_batch(len(self.data.rows), self.cfg.seed, step, g.prompts_per_step)]
         began = time.perf_counter()
         sampling = SamplingSpec(n=g.num_generations, max_new_tokens=g.max_completion_length, temperature=g.temperature,
-                                top_p=g.top_p, seed=self.cfg.seed * 100_003 + step)
-        completions = self.engines.generate([r.prompt_ids for r in rows], sampling)
+                                top_p=g.top_p, seed=rollout_seed(self.cfg.seed, step))
+        # Each engine's share is graded as soon as it is back, while the other engines still generate.
+        grading: dict[int, Future] = {}
+        completions = self.engines.generate([r.prompt_ids for r in rows], sampling, on_shard=lambda i, shard: grading.__setitem__(
+            i, self._grader.submit(self.rewards.score, [(rows[c.prompt_index].gold, c.text) for c in shard])))
         generated = time.perf_counter()
-        results = self.rewards.score([(rows[c.prompt_index].gold, c.text) for c in completions])
-        graded = time.perf_counter()
+        results = [r for i in sorted(grading) for r in grading[i].result()]
+        graded = time.perf_counter()  # reward_s: the grading that generation did not hide
         math_ok = [r.components.get("math", r.reward) > 0 for r in results]
         return RolloutBatch(
             step=step,
@@ -125,5 +134,6 @@ class Rollouts:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._grader.shutdown(wait=True, cancel_futures=True)
         self.engines.shutdown()
         self.rewards.close()

@@ -20,7 +20,7 @@ from rank1.core.model import count_adapters_from_config, load_tokenizer, resolve
 from rank1.core.workers import LocalGroup, WorkerDied, WorkerGroup, free_port, init_ray, rendezvous_port
 from rank1.driver.checkpoints import latest_checkpoint, prepare_output_dir, restore_point
 from rank1.driver.grpo import GRPOJob
-from rank1.driver.loop import RunState, StopSignals
+from rank1.driver.loop import RunState, job_session
 from rank1.driver.metrics import MetricsSink, log, plot_curve, read_metrics
 from rank1.driver.sft import SFTJob
 from rank1.export import check_push_ready, push_run
@@ -45,22 +45,26 @@ def uses_ray(cfg: Config) -> bool:
 def make_learners(cfg: Config, model_path: str, total_steps: int, objective=None, actor_cls=None):
     """The learner group: one in this process, or Ray actors in a placement group (actor_cls: --dry-run's probe)."""
     objective = objective or make_objective(cfg)
-    n = cfg.trainer.num_learners
     learner_cls = Learner
     if cfg.adapter.full_finetune:  # the baseline that trains every weight
         from rank1.trainer.full_learner import FullLearner as learner_cls
+    return learner_group(cfg, learner_cls, lambda placement: (cfg.model, cfg.adapter, cfg.trainer, objective, model_path,
+                                                             placement, total_steps, cfg.seed), actor_cls)
+
+
+def learner_group(cfg: Config, learner_cls, make_args, actor_cls=None):
+    """`learner_cls(*make_args(placement))` for each of trainer.num_learners ranks: in this process for one
+    local learner, else Ray actors in a placement group; with actor_cls, that class gets the placement alone."""
+    n = cfg.trainer.num_learners
     if not uses_ray(cfg) and actor_cls is None:
-        return LocalGroup(learner_cls, (cfg.model, cfg.adapter, cfg.trainer, objective, model_path,
-                                    Placement(0, 1, "127.0.0.1", free_port()), total_steps, cfg.seed))
+        return LocalGroup(learner_cls, make_args(Placement(0, 1, "127.0.0.1", free_port())))
     init_ray(cfg.cluster)
     port: list[int] = []
 
     def args(rank: int, ips: list[str]):
         port or port.append(rendezvous_port(ips[0]))
         placement = Placement(rank, n, ips[0], port[0], ips[:rank].count(ips[rank]))
-        if actor_cls is not None:
-            return (placement,)
-        return (cfg.model, cfg.adapter, cfg.trainer, objective, model_path, placement, total_steps, cfg.seed)
+        return (placement,) if actor_cls is not None else make_args(placement)
 
     group = WorkerGroup(actor_cls or learner_cls, n, args, num_cpus=cfg.cluster.cpus_per_learner, num_gpus=cfg.cluster.gpus_per_learner,
                         placement=cfg.cluster.placement, name="learner")
@@ -99,43 +103,28 @@ def train(cfg: Config) -> Path:
     artifact = "model" if cfg.adapter.full_finetune else "adapter"  # the full fine-tune baseline writes the whole model
 
     start = restore_point(out) if t.resume else 0
-    began, heldout = time.perf_counter(), None
-    with StopSignals() as signals:
-        try:
-            job.open()
-            if evalset is not None:
-                from rank1.driver.heldout import HeldoutEval
-
-                if cfg.adapter.full_finetune:
-                    from rank1.driver.heldout import FullModelEval
-
-                    heldout = FullModelEval(cfg, model_path, tokenizer, evalset, out)
-                else:
-                    heldout = HeldoutEval(cfg, model_path, tokenizer, evalset, getattr(job, "rollouts", None))
-            for attempt in range(cfg.cluster.max_learner_restarts + 1):
-                learners = make_learners(cfg, model_path, job.optimizer_steps, objective)
-                sink = MetricsSink(cfg, out, start)
-                try:
-                    if start:
-                        checkpoint = latest_checkpoint(out)
-                        learners.call("load_checkpoint", str(checkpoint))
-                        log(f"resumed from {checkpoint} at step {start}")
-                    evaluate = (lambda step, learners=learners: heldout(learners, step)) if heldout else None
-                    job.loop(RunState(cfg, out, learners, sink, start, job.total_steps, signals, evaluate))
-                    learners.call("save_adapter", str(out / artifact))
-                    break
-                except WorkerDied as e:
-                    if attempt == cfg.cluster.max_learner_restarts:
-                        raise RuntimeError(f"learners died {attempt + 1} times (cluster.max_learner_restarts={attempt}); last: {e}") from e
-                    start = restore_point(out)
-                    log(f"{e}; restarting the learner group from step {start} (restart {attempt + 1} of {cfg.cluster.max_learner_restarts})")
-                finally:
-                    sink.close()
-                    learners.shutdown()
-        finally:
-            if heldout is not None:
-                heldout.close()
-            job.close()
+    began = time.perf_counter()
+    with job_session(job, lambda: make_heldout(cfg, model_path, tokenizer, evalset, job, out)) as (signals, heldout):
+        for attempt in range(cfg.cluster.max_learner_restarts + 1):
+            learners = make_learners(cfg, model_path, job.optimizer_steps, objective)
+            sink = MetricsSink(cfg, out, start)
+            try:
+                if start:
+                    checkpoint = latest_checkpoint(out)
+                    learners.call("load_checkpoint", str(checkpoint))
+                    log(f"resumed from {checkpoint} at step {start}")
+                evaluate = (lambda step, learners=learners: heldout(learners, step)) if heldout else None
+                job.loop(RunState(cfg, out, learners, sink, start, job.total_steps, signals, evaluate))
+                learners.call("save_adapter", str(out / artifact))
+                break
+            except WorkerDied as e:
+                if attempt == cfg.cluster.max_learner_restarts:
+                    raise RuntimeError(f"learners died {attempt + 1} times (cluster.max_learner_restarts={attempt}); last: {e}") from e
+                start = restore_point(out)
+                log(f"{e}; restarting the learner group from step {start} (restart {attempt + 1} of {cfg.cluster.max_learner_restarts})")
+            finally:
+                sink.close()
+                learners.shutdown()
     key, label, png = job.curve
     summary = write_summary(out, objective.name, key, time.perf_counter() - began)
     plot_curve(out / "metrics.jsonl", out / png, key, label, f"rank1 {objective.name.upper()}")
@@ -145,6 +134,20 @@ def train(cfg: Config) -> Path:
     if cfg.export.push_to_hub:
         log(f"pushed {push_run(out, cfg)} to {cfg.export.push_to_hub}")
     return out
+
+
+def make_heldout(cfg: Config, model_path: str, tokenizer, evalset, job, out: Path):
+    """Held-out accuracy during the run (None when eval.in_training is off): served by the job's own
+    engines where it has them; the full fine-tune baseline evaluates its whole model."""
+    if evalset is None:
+        return None
+    if cfg.adapter.full_finetune:
+        from rank1.driver.heldout import FullModelEval
+
+        return FullModelEval(cfg, model_path, tokenizer, evalset, out)
+    from rank1.driver.heldout import HeldoutEval
+
+    return HeldoutEval(cfg, model_path, tokenizer, evalset, getattr(job, "rollouts", None))
 
 
 def write_summary(out: Path, objective: str, key: str, seconds: float) -> dict:

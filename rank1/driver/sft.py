@@ -19,11 +19,11 @@ def shard_rows(rows: list, world_size: int, micro_batch_size: int, collate, pad_
     return [[collate(s[i : i + micro_batch_size], pad_id) for i in range(0, len(s), micro_batch_size)] for s in shards]
 
 
-class SFTJob:
-    curve = ("loss", "completion loss", "loss.png")
+class SFTRows:
+    """An SFT job's data side, whatever its learners: the rows, the steps, and no engines to open."""
 
-    def __init__(self, cfg, model_path: str, tokenizer, objective):
-        self.cfg, self.objective, self.pad_id = cfg, objective, tokenizer.pad_token_id
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.pad_id = cfg, tokenizer.pad_token_id
         self.data = load_sft_data(cfg.data, tokenizer)
         t = cfg.trainer
         self.total_steps = self.optimizer_steps = t.max_steps or max(1, math.ceil(t.epochs * len(self.data.examples) / t.global_batch_size))
@@ -36,6 +36,14 @@ class SFTJob:
 
     def close(self) -> None:
         pass
+
+
+class SFTJob(SFTRows):
+    curve = ("loss", "completion loss", "loss.png")
+
+    def __init__(self, cfg, model_path: str, tokenizer, objective):
+        super().__init__(cfg, tokenizer)
+        self.objective = objective
 
     def loop(self, run: RunState) -> None:
         cfg, t, learners, examples = self.cfg, self.cfg.trainer, run.learners, self.data.examples

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 
@@ -30,8 +29,9 @@ from rank1.core.commands import SWEEP
 from rank1.core.config import Config, ConfigError
 from rank1.core.flags import parse_command, resolve_key, set_value, to_yaml, validate
 from rank1.driver.checkpoints import latest_checkpoint, prepare_output_dir, restore_point
-from rank1.driver.loop import RunState, StepLoop, StopSignals
+from rank1.driver.loop import RunState, StepLoop, job_session
 from rank1.driver.metrics import MetricsSink, log, plot_curve, read_metrics
+from rank1.driver.sft import SFTRows
 
 # What may differ between runs that share one base and one batching (everything else is one value).
 SWEEPABLE = ("seed", "trainer.lr", "trainer.warmup_ratio", "trainer.lr_schedule", "trainer.weight_decay", "trainer.grad_clip",
@@ -72,6 +72,8 @@ def split_axes(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 def run_overrides(cfg: Config, axes: dict[str, list[str]]) -> list[dict]:
     """One {key: value} per run: the cartesian product of the axes, or sweep.runs' YAML list."""
     if cfg.sweep.runs:
+        if not Path(cfg.sweep.runs).is_file():
+            raise ConfigError(f"sweep.runs {cfg.sweep.runs}: no such file (a YAML list of override mappings)")
         listed = yaml.safe_load(Path(cfg.sweep.runs).read_text())
         if not isinstance(listed, list) or not all(isinstance(r, dict) for r in listed):
             raise ConfigError(f"sweep.runs {cfg.sweep.runs}: expected a YAML list of mappings of dotted keys, e.g. [{{trainer.lr: 1e-4}}]")
@@ -116,6 +118,8 @@ def sweep(cfg: Config, runs: list[Config], overrides: list[dict]) -> Path:
         from rank1.driver.evaluate import build_eval_set
 
         evalset = build_eval_set(cfg, tokenizer, run=cfg)
+    job = sweep_job(objectives[0].name)(cfg, runs, model_path, tokenizer)  # its checks too, before the output dir exists
+    log(f"sweep of {len(runs)} runs over one base: {job.describe()}")
     saved = Path(cfg.logging.output_dir) / "sweep.json"
     if cfg.trainer.resume and saved.is_file() and json.loads(saved.read_text())["runs"] != overrides:
         raise ConfigError(f"--resume: {saved} holds other runs ({json.loads(saved.read_text())['runs']}); resume with the same axes")
@@ -124,43 +128,51 @@ def sweep(cfg: Config, runs: list[Config], overrides: list[dict]) -> Path:
     for run in runs:
         Path(run.logging.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(run.logging.output_dir) / "config.yaml").write_text(to_yaml(run))
-    if objectives[0].name == "grpo":
-        from rank1.driver.sweep_grpo import GRPOSweep as Job
-    else:
-        Job = SFTSweep
-    job = Job(cfg, runs, model_path, tokenizer)
-    log(f"sweep of {len(runs)} runs over one base: {job.describe()}")
     start = restore_point(out) if cfg.trainer.resume else 0
-    began, heldout = time.perf_counter(), None
-    with StopSignals() as signals:
+    began = time.perf_counter()
+    make_heldout = (lambda: sweep_heldout(cfg, len(runs), model_path, tokenizer, evalset, job)) if evalset is not None else (lambda: None)
+    with job_session(job, make_heldout) as (signals, heldout):
+        learners = job.make_learners()
+        sink = SweepSink(cfg, runs, out, start)
         try:
-            job.open()
-            if evalset is not None:
-                heldout = sweep_heldout(cfg, len(runs), model_path, tokenizer, evalset, job)
-            learners = job.make_learners()
-            sink = SweepSink(cfg, runs, out, start)
-            try:
-                if start:
-                    checkpoint = latest_checkpoint(out)
-                    learners.call("load_checkpoint", str(checkpoint))
-                    log(f"resumed the sweep from {checkpoint} at step {start}")
-                evaluate = None
-                if heldout is not None:
-                    def evaluate(step: int) -> dict:
-                        if step == 0:  # every run starts from the same function (B = 0, or the same adapter.init)
-                            return {"runs": [heldout(learners, 0, run=0)] * len(runs)}
-                        return {"runs": [heldout(learners, step, run=i) for i in range(len(runs))]}
-                job.loop(RunState(cfg, out, learners, sink, start, job.total_steps, signals, evaluate))
-                learners.call("save_adapters", [str(Path(r.logging.output_dir) / "adapter") for r in runs])
-            finally:
-                sink.close()
-                learners.shutdown()
-        finally:
+            if start:
+                checkpoint = latest_checkpoint(out)
+                learners.call("load_checkpoint", str(checkpoint))
+                log(f"resumed the sweep from {checkpoint} at step {start}")
+            evaluate = None
             if heldout is not None:
-                heldout.close()
-            job.close()
+                def evaluate(step: int) -> dict:
+                    if step == 0:  # every run starts from the same function (B = 0, or the same adapter.init)
+                        return {"runs": [heldout(learners, 0, run=0)] * len(runs)}
+                    return {"runs": [heldout(learners, step, run=i) for i in range(len(runs))]}
+            state = RunState(cfg, out, learners, sink, start, job.total_steps, signals, evaluate,
+                             on_checkpoint=lambda step: save_run_adapters(runs, learners, step, cfg.trainer.keep_checkpoints))
+            job.loop(state)
+            learners.call("save_adapters", [str(Path(r.logging.output_dir) / "adapter") for r in runs])
+        finally:
+            sink.close()
+            learners.shutdown()
     write_sweep_summary(out, runs, overrides, job.curve, time.perf_counter() - began)
     return out
+
+
+def sweep_job(objective: str):
+    """The driver's choice of sweep job for trainer.objective (as rank1.driver.run.JOBS for one run)."""
+    from rank1.driver.sweep_grpo import GRPOSweep
+
+    return {"sft": SFTSweep, "grpo": GRPOSweep}[objective]
+
+
+def save_run_adapters(runs: list[Config], learners, step: int, keep: int) -> None:
+    """Each run's adapter at a checkpoint in its own folder, RUN/checkpoints/step-NNNNNN/adapter (what `rank1 export`
+    takes); the sweep's own checkpoint holds the state every run resumes from."""
+    import shutil
+
+    folders = [Path(r.logging.output_dir) / "checkpoints" / f"step-{step:06d}" for r in runs]
+    learners.call("save_adapters", [str(f / "adapter") for f in folders])
+    for folder in folders:
+        for old in sorted(folder.parent.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def sweep_heldout(cfg: Config, n: int, model_path: str, tokenizer, evalset, job):
@@ -194,28 +206,16 @@ class SweepSink:
             sink.close()
 
 
-class SFTSweep:
+class SFTSweep(SFTRows):
     curve = ("loss", "completion loss")
 
     def __init__(self, cfg: Config, runs: list[Config], model_path: str, tokenizer):
-        from rank1.core.data import load_sft_data
         from rank1.trainer.sft import SFTObjective
 
-        self.cfg, self.runs, self.model_path, self.pad_id = cfg, runs, model_path, tokenizer.pad_token_id
-        self.data = load_sft_data(cfg.data, tokenizer)
-        t = cfg.trainer
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * len(self.data.examples) / t.global_batch_size))
+        super().__init__(cfg, tokenizer)
+        self.runs, self.model_path = runs, model_path
         one = SFTObjective.from_config(cfg)
         self.objective = SFTObjective(one.rows_per_step * len(runs), one.max_sequence_tokens)
-
-    def describe(self) -> str:
-        return self.data.describe()
-
-    def open(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def make_learners(self):
         return make_sweep_learners(self.cfg, self.runs, self.model_path, self.objective, self.total_steps)
@@ -263,27 +263,12 @@ def run_shards(batches: list[list], world: int, micro: int, collate, pad_id: int
 
 
 def make_sweep_learners(cfg: Config, runs: list[Config], model_path: str, objective, total_steps: int):
-    from rank1.core.workers import LocalGroup, WorkerGroup, free_port, init_ray, rendezvous_port
-    from rank1.driver.run import uses_ray
-    from rank1.trainer.learner import Placement
+    from rank1.driver.run import learner_group
     from rank1.trainer.sweep_learner import RunSpec, SweepLearner
 
-    specs, n = [RunSpec.of(r) for r in runs], cfg.trainer.num_learners
-
-    def args(placement):
-        return (specs, cfg.model, cfg.adapter, cfg.trainer, objective, model_path, placement, total_steps, cfg.seed)
-
-    if not uses_ray(cfg):
-        return LocalGroup(SweepLearner, args(Placement(0, 1, "127.0.0.1", free_port())))
-    init_ray(cfg.cluster)
-    port: list[int] = []
-
-    def make(rank: int, ips: list[str]):
-        port or port.append(rendezvous_port(ips[0]))
-        return args(Placement(rank, n, ips[0], port[0], ips[:rank].count(ips[rank])))
-
-    return WorkerGroup(SweepLearner, n, make, num_cpus=cfg.cluster.cpus_per_learner, num_gpus=cfg.cluster.gpus_per_learner,
-                       placement=cfg.cluster.placement, name="learner")
+    specs = [RunSpec.of(r) for r in runs]
+    return learner_group(cfg, SweepLearner, lambda placement: (specs, cfg.model, cfg.adapter, cfg.trainer, objective, model_path,
+                                                              placement, total_steps, cfg.seed))
 
 
 def write_sweep_summary(out: Path, runs: list[Config], overrides: list[dict], curve: tuple, seconds: float) -> dict:

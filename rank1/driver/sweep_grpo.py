@@ -20,7 +20,7 @@ from rank1.core.config import ConfigError
 from rank1.core.data import global_batch, load_prompt_data
 from rank1.driver.grpo import rollout_rows, split_rollouts, step_record
 from rank1.driver.loop import RunState, StepLoop
-from rank1.driver.rollouts import RolloutBatch, lora_rank, probe_tolerance, push_learner_adapter
+from rank1.driver.rollouts import RolloutBatch, lora_rank, probe_tolerance, push_learner_adapter, rollout_seed
 from rank1.rollout.engine import SamplingSpec, probe_token_ids
 
 
@@ -94,7 +94,8 @@ class GRPOSweep:
         slots = [run for run, run_rows in enumerate(rows) for _ in run_rows]
         began = time.perf_counter()
         sampling = SamplingSpec(n=g.num_generations, max_new_tokens=g.max_completion_length, temperature=g.temperature,
-                                top_p=g.top_p, seed=self.cfg.seed * 100_003 + step)
+                                top_p=g.top_p, seed=rollout_seed(self.cfg.seed, step),
+                                slot_seeds=tuple(rollout_seed(r.seed, step) for r in self.runs))  # each run's solo sampling seed
         completions = self.engines.generate(prompts, sampling, slots)
         generated = time.perf_counter()
         flat = [row for run_rows in rows for row in run_rows]

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rank1.core.adapter_io import AdapterFolderError, read_adapter
-from rank1.core.adapter_io import write_adapter as write_adapter_folder
+from rank1.core.adapter_io import AdapterFolderError, read_adapter, write_adapter
 from rank1.export.source import ExportError, ExportSource
 
 
@@ -23,12 +22,12 @@ def public_base_id(base_model: str) -> str:
     return EMBEDDED_HUB_ID if base_model == EMBEDDED_MODEL else base_model
 
 
-def write_adapter(source: ExportSource, out: Path, dtype: str, base_model: str | None = None) -> dict:
+def write_export_adapter(source: ExportSource, out: Path, dtype: str, base_model: str | None = None) -> dict:
     """Write adapter_model.safetensors + adapter_config.json into `out`; returns the written config."""
     try:
         tensors, _ = read_adapter(source.adapter_dir)
         config = dict(source.adapter_config, base_model_name_or_path=public_base_id(base_model or source.base_model))
-        write_adapter_folder(out, tensors, config, dtype=dtype, atomic=False)
+        write_adapter(out, tensors, config, dtype=dtype, atomic=False)
     except AdapterFolderError as e:
         raise ExportError(str(e)) from None
     return config

@@ -11,12 +11,11 @@ would make transformers load it as "base + adapter" instead of the merged weight
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
 
-from rank1.core.adapter_io import replace_dir
+from rank1.core.adapter_io import fresh_tmp_dir, replace_dir
 from rank1.core.commands import EXPORT, command_main
 from rank1.export.source import ExportError, locate
 
@@ -28,10 +27,7 @@ def log(message: str) -> None:
 def _prepare_out(out: Path, force: bool) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportError(f"--out {out}: exists and is not empty; choose another folder or pass --force to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    return fresh_tmp_dir(out)
 
 
 def export(source_path: str | Path, out: str | Path, *, merge: bool = False, dtype: str = "fp32",
@@ -39,7 +35,7 @@ def export(source_path: str | Path, out: str | Path, *, merge: bool = False, dty
            base_model: str | None = None, license: str | None = None, max_shard_size: str = "2GB",
            force: bool = False, trust_remote_code: bool = False) -> Path:
     """Write the export folder (and push it); returns its path. Raises ExportError on bad input."""
-    from rank1.export.adapter import write_adapter
+    from rank1.export.adapter import write_export_adapter
     from rank1.export.card import render_card
     from rank1.export.push import check_repo_id, push_folder, require_token
 
@@ -61,7 +57,7 @@ def export(source_path: str | Path, out: str | Path, *, merge: bool = False, dty
     tmp = _prepare_out(out, force)
     try:
         adapter_out = tmp / "adapter" if merge else tmp
-        write_adapter(source, adapter_out, dtype, base_name)
+        write_export_adapter(source, adapter_out, dtype, base_name)
         if merge:
             from rank1.export.merge import write_merged
 

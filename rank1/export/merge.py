@@ -12,32 +12,14 @@ from pathlib import Path
 from rank1.export.source import ExportError
 
 
-def _lora_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
-    """module name -> (in_features, out_features) the adapter was trained for."""
-    from safetensors import safe_open
-
-    shapes: dict[str, list[int]] = {}
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
-            if ".lora_A." not in key and ".lora_B." not in key:
-                continue
-            module = key.removeprefix("base_model.model.").split(".lora_")[0]
-            shape = f.get_slice(key).get_shape()
-            entry = shapes.setdefault(module, [0, 0])
-            if ".lora_A." in key:
-                entry[0] = shape[1]  # A: (r, in)
-            else:
-                entry[1] = shape[0]  # B: (out, r)
-    return {k: (v[0], v[1]) for k, v in shapes.items()}
-
-
 def check_fits(adapter_dir: Path, base_name: str, base_path: str, trust_remote_code: bool = False) -> None:
     """Raise ExportError if the adapter's modules are missing from the base or have other shapes."""
+    from rank1.core.adapter_io import adapter_shapes
     from rank1.core.model import linear_shapes, load_model_config, meta_model
 
     config = load_model_config(base_path, trust_remote_code)
     linears = linear_shapes(meta_model(config, trust_remote_code))
-    wanted = _lora_shapes(adapter_dir)
+    wanted = adapter_shapes(adapter_dir)
     missing = [n for n in wanted if n not in linears]
     wrong = [(n, wanted[n], linears[n]) for n in wanted if n in linears and wanted[n] != linears[n]]
     gone = f"; {len(missing)} of {len(wanted)} adapted modules are missing from it" if missing else ""
@@ -58,21 +40,19 @@ def check_fits(adapter_dir: Path, base_name: str, base_path: str, trust_remote_c
 def write_merged(adapter_dir: Path, base_name: str, out: Path, dtype: str, max_shard_size: str, trust_remote_code: bool = False) -> None:
     """Base + adapter merged, saved as sharded safetensors with the base's tokenizer."""
     import torch
-    from peft import PeftModel
 
-    from rank1.core.adapter_io import DTYPES
+    from rank1.core.adapter_io import DTYPES, load_adapted_model
     from rank1.core.config import ModelConfig
-    from rank1.core.model import ModelError, load_base, load_tokenizer, resolve_model_path
+    from rank1.core.model import ModelError, resolve_model_path
 
     model_cfg = ModelConfig(name_or_path=base_name, trust_remote_code=trust_remote_code)
     try:
-        base_path = resolve_model_path(model_cfg)
-        check_fits(adapter_dir, base_name, base_path, trust_remote_code)
-        tokenizer = load_tokenizer(base_path, model_cfg)
-        base = load_base(base_path, model_cfg, torch.float32)  # merge in fp32, cast once at the end
+        check_fits(adapter_dir, base_name, resolve_model_path(model_cfg), trust_remote_code)
+        # merged in fp32, cast once at the end
+        model, tokenizer, _ = load_adapted_model(adapter_dir, model_cfg, dtype=torch.float32, what="--merge")
     except ModelError as e:
         raise ExportError(f"--merge: {e}") from None
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = model.merge_and_unload()
     merged = merged.to(getattr(torch, DTYPES[dtype]))
     merged.config.dtype = getattr(torch, DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from rank1.core.adapter_io import CONFIG, AdapterFolderError, check_adapter_folder
+
 
 class ExportError(ValueError):
     """An export or push that cannot be done; the message names the path, flag or repo."""
@@ -35,7 +37,7 @@ class ExportSource:
 
 
 def _is_adapter(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file()
+    return (folder / CONFIG).is_file()
 
 
 def locate(path: str | Path) -> ExportSource:
@@ -62,12 +64,10 @@ def locate(path: str | Path) -> ExportSource:
             steps = sorted(p.name for p in (given / "checkpoints").glob("step-*"))
             hint = f" (the run has not finished; checkpoints: {', '.join(steps) or 'none'})"
         raise ExportError(f"{given}: no adapter to export: expected {given / 'adapter' / 'adapter_config.json'} or {given / 'adapter_config.json'}{hint}")
-    if not (adapter / "adapter_model.safetensors").is_file():
-        raise ExportError(f"{adapter}: has adapter_config.json but no adapter_model.safetensors")
     try:
-        adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{adapter / 'adapter_config.json'}: not valid JSON ({e})") from None
+        adapter_config = check_adapter_folder(adapter, "export")
+    except AdapterFolderError as e:
+        raise ExportError(str(e)) from None
     if run_dir is not None and not (run_dir / "config.yaml").is_file():
         run_dir = None
     return ExportSource(

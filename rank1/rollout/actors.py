@@ -13,11 +13,12 @@ one node; the actor itself holds no GPU and vLLM's Ray executor starts its worke
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from rank1.core.config import ModelConfig, RolloutConfig
 from rank1.core.workers import WorkerDied, WorkerGroup
 from rank1.rollout.engine import AdapterReceipt, Completion, SamplingSpec
-from rank1.rollout.sync import AdapterRefs, check_receipts, push_adapter, put_adapter
+from rank1.rollout.sync import AdapterRefs, check_receipts, put_adapter
 
 
 def make_engine(backend: str, model_path: str, **engine_kwargs):
@@ -125,34 +126,44 @@ class EngineGroup:
                      atol: float = 1e-3, previous_probe: list[float] | None = None, slot: int = 0) -> list[AdapterReceipt]:
         """Send a new adapter version to every engine's `slot` (one ray.put) and check all of them serve it; with
         `previous_probe` (the learner's probe of the version before) also that none serves that one."""
-        import ray
-
         refs = self.latest[slot] = put_adapter(tensors, peft_config, version)
-        receipts = ray.get([a.load_adapter.remote(refs.tensors, refs.peft_config, version, slot) for a in self.group.workers])
+        receipts = self._load(refs, slot)
         self.noises[slot] = check_receipts(receipts, version, refs.digest, expected_probe, atol, previous_probe, self.noises.get(slot))
         self._accepted[slot] = (receipts[0].probe_logprobs, atol)
         return receipts
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec, slots: list[int] | None = None) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec, slots: list[int] | None = None,
+                 on_shard: Callable[[int, list[Completion]], None] | None = None) -> list[Completion]:
+        """Completions of every prompt (the prompts split evenly over the engines), in prompt order. `on_shard(i,
+        completions)` runs as each engine's share comes back, so the caller can grade it while others generate."""
         shards = split_evenly(len(prompts), self.group.size)
         slots = [0] * len(prompts) if slots is None else slots
+
+        def arrived(t: int, completions: list[Completion]) -> None:
+            for c in completions:
+                c.prompt_index = shards[t][c.prompt_index]
+            if on_shard is not None:
+                on_shard(t, completions)
+
         try:
             results = self.group.map("generate", [([prompts[j] for j in shard], sampling, [slots[j] for j in shard]) for shard in shards],
-                                     retries=self.max_batch_retries, timeout_s=self.timeout_s, on_restart=self._restore)
+                                     retries=self.max_batch_retries, timeout_s=self.timeout_s, on_restart=self._restore, on_result=arrived)
         except WorkerDied as e:
             raise RuntimeError(str(e)) from e
-        out = []
-        for shard, completions in zip(shards, results):
-            for c in completions:
-                c.prompt_index = shard[c.prompt_index]
-            out += completions
-        return out
+        return [c for completions in results for c in completions]
 
     def _restore(self, index: int) -> None:
         """A restarted engine gets the latest adapter of every slot again, proven like every other sync."""
         for slot, refs in sorted(self.latest.items()):
             probe, atol = self._accepted[slot]
-            push_adapter([self.group.workers[index]], refs, expected_probe=probe, atol=atol, slot=slot)
+            check_receipts(self._load(refs, slot, only=[index]), refs.version, refs.digest, probe, atol)
+
+    def _load(self, refs: AdapterRefs, slot: int, only: list[int] | None = None) -> list[AdapterReceipt]:
+        """Every engine (or those in `only`) loads the adapter behind `refs` into `slot`; their receipts."""
+        try:
+            return self.group.call("load_adapter", refs.tensors, refs.peft_config, refs.version, slot, only=only)
+        except WorkerDied as e:
+            raise RuntimeError(str(e)) from e
 
     def versions(self, slot: int = 0) -> list[int]:
         return self.group.call("version", slot)

@@ -46,6 +46,14 @@ class SamplingSpec:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's end-of-sequence tokens
     ignore_eos: bool = False  # generate max_new_tokens whatever is sampled (benchmarks: equal work on every side)
+    # The seed of each adapter slot's prompts, instead of `seed` (a GRPO sweep: each run samples as its solo run would)
+    slot_seeds: tuple[int, ...] = ()
+
+    def for_slot(self, slot: int) -> SamplingSpec:
+        """These settings with the slot's own seed, when slot_seeds gives one."""
+        import dataclasses
+
+        return dataclasses.replace(self, seed=self.slot_seeds[slot], slot_seeds=()) if slot < len(self.slot_seeds) else self
 
     def __post_init__(self):
         if self.n < 1:
@@ -157,7 +165,20 @@ class RolloutEngine(ABC):
     vocab_size: int
     tokenizer: object  # a transformers tokenizer
 
-    def __init__(self):
+    def __init__(self, backend: str = "engine", dtype: str = "float32", adapter_mode: str = "lora", max_adapters: int = 1):
+        import typing
+
+        from rank1.core.adapter_io import DTYPES
+        from rank1.core.config import RolloutConfig
+
+        if dtype not in DTYPES:
+            raise EngineError(f"{backend} dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        modes = typing.get_args(typing.get_type_hints(RolloutConfig)["adapter_mode"])
+        if adapter_mode not in modes:
+            raise EngineError(f"adapter_mode: {adapter_mode!r} is not one of {', '.join(modes)}")
+        if adapter_mode == "merged" and max_adapters > 1:
+            raise EngineError("adapter_mode merged serves one adapter; several (rank1 sweep) need adapter_mode lora")
+        self.dtype, self.adapter_mode, self.max_adapters = getattr(torch, DTYPES[dtype]), adapter_mode, max_adapters
         self._versions: dict[int, int] = {}  # slot -> served version; none yet: the engine serves the base model
         self._probe: list[int] | None = None
         self._linears: dict[str, tuple[int, int]] | None = None

@@ -18,7 +18,6 @@ from rank1.core.model import linear_shapes, load_base, load_tokenizer
 from rank1.rollout.engine import Completion, EngineError, RolloutEngine, SamplingSpec
 from rank1.rollout.merge import BaseWeights, merged_weights, parameters_to_send, rank1_deltas
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Fields of LoraConfig.to_dict() that change which modules exist; a change needs a new PEFT wrapper.
 _SHAPE_KEYS = ("r", "target_modules", "lora_alpha", "use_rslora")
 
@@ -31,21 +30,13 @@ class HFEngine(RolloutEngine):
     def __init__(self, model_path: str, *, dtype: str = "float32", batch_size: int = 16, max_lora_rank: int = 1, seed: int = 0,
                  revision: str | None = None, trust_remote_code: bool = False, device: str = "auto", adapter_mode: str = "lora",
                  max_adapters: int = 1):
-        super().__init__()
-        if dtype not in _DTYPES:
-            raise EngineError(f"transformers dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
-        if adapter_mode not in ("lora", "merged"):
-            raise EngineError(f"adapter_mode: {adapter_mode!r} is not one of lora, merged")
-        self.adapter_mode, self.dtype = adapter_mode, _DTYPES[dtype]
-        if adapter_mode == "merged" and max_adapters > 1:
-            raise EngineError("adapter_mode merged serves one adapter; several (rank1 sweep) need adapter_mode lora")
-        self.max_adapters = max_adapters
+        super().__init__("transformers", dtype, adapter_mode, max_adapters)
         self._merged: set[str] = set()  # modules whose weights hold a merged adapter
-        self._base_weights = BaseWeights(model_path) if adapter_mode == "merged" else None
+        self._base_weights = BaseWeights(model_path, revision) if adapter_mode == "merged" else None
         cfg = ModelConfig(name_or_path=model_path, revision=revision, trust_remote_code=trust_remote_code)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.tokenizer = load_tokenizer(model_path, cfg)
-        self.base = load_base(model_path, cfg, _DTYPES[dtype]).to(self.device).eval()
+        self.base = load_base(model_path, cfg, self.dtype).to(self.device).eval()
         self.model = self.base  # becomes a PeftModel at the first load_adapter
         self.batch_size = batch_size
         self.max_lora_rank = max_lora_rank
@@ -119,7 +110,7 @@ class HFEngine(RolloutEngine):
         for slot in sorted(set(slots)):
             mine = [i for i, s in enumerate(slots) if s == slot]
             self._use(slot)
-            for c in self._generate_one([prompts[i] for i in mine], sampling):
+            for c in self._generate_one([prompts[i] for i in mine], sampling.for_slot(slot)):
                 c.prompt_index = mine[c.prompt_index]
                 out.append(c)
         return sorted(out, key=lambda c: c.prompt_index)  # stable: a prompt's n samples keep their order

@@ -24,11 +24,26 @@ PEFT_PREFIX = "base_model.model."
 PACKED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+def checkpoint_folder(model_path: str, revision: str | None = None) -> Path:
+    """The local folder of the base's safetensors: the path itself, or a Hub id's snapshot in the Hugging Face
+    cache (which the engine's own load filled; downloaded there if not, weights and index only)."""
+    folder = Path(model_path).expanduser()
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_path, revision=revision, allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+    except Exception as e:  # offline, gated, no such repo: say which base and why
+        raise FileNotFoundError(f"{model_path}: cannot find its safetensors locally or on the Hub ({type(e).__name__}: {e}); "
+                                "merged mode rebuilds weights from them (or use rollout.adapter_mode lora)") from None
+
+
 class BaseWeights:
     """The base model's checkpoint tensors by name, read on demand from its safetensors files."""
 
-    def __init__(self, model_path: str):
-        folder = Path(model_path)
+    def __init__(self, model_path: str, revision: str | None = None):
+        folder = checkpoint_folder(model_path, revision)
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             self.file_of = {n: folder / f for n, f in json.loads(index.read_text())["weight_map"].items()}

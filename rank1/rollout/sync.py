@@ -2,7 +2,7 @@
 
 The tensors go into the Ray object store once (`put_adapter`); every engine actor receives the same
 ref, so N engines cost one serialization, not N. Each engine answers with an AdapterReceipt, and
-`push_adapter` accepts the version only if, for every engine:
+`check_receipts` (called by the engine group's push_adapter) accepts the version only if, for every engine:
   * it reports the version that was sent,
   * the sha256 of the tensors it received equals the sender's (`adapter_digest`),
   * its probe logprobs agree with the other engines' and, when the sender passes `expected_probe`
@@ -53,23 +53,6 @@ def put_adapter(tensors: dict[str, torch.Tensor], peft_config: dict, version: in
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     nbytes = sum(t.numel() * t.element_size() for t in cpu.values())
     return AdapterRefs(ray.put(cpu), dict(peft_config), version, adapter_digest(cpu), nbytes)
-
-
-def push_adapter(
-    actors: list,
-    refs: AdapterRefs,
-    expected_probe: list[float] | None = None,
-    atol: float = 1e-3,
-    previous_probe: list[float] | None = None,
-    noise: float | None = None,
-    slot: int = 0,
-) -> list[AdapterReceipt]:
-    """Load `refs` into `slot` on every actor (in parallel) and verify the receipts; returns them in actor order."""
-    import ray
-
-    receipts: list[AdapterReceipt] = ray.get([a.load_adapter.remote(refs.tensors, refs.peft_config, refs.version, slot) for a in actors])
-    check_receipts(receipts, refs.version, refs.digest, expected_probe, atol, previous_probe, noise)
-    return receipts
 
 
 def distance(a: list[float], b: list[float]) -> float:

@@ -33,7 +33,6 @@ from rank1.core.adapter_io import write_adapter
 from rank1.core.model import linear_shapes, meta_model
 from rank1.rollout.engine import AdapterError, Completion, EngineError, RolloutEngine, SamplingSpec, logprob_of
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _adapter_root() -> Path:
@@ -74,15 +73,8 @@ class VLLMEngine(RolloutEngine):
         adapter_mode: str = "lora",
         max_adapters: int = 1,
     ):
-        super().__init__()
-        if dtype not in _DTYPES:
-            raise EngineError(f"vllm dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
-        if adapter_mode not in ("lora", "merged"):
-            raise EngineError(f"adapter_mode: {adapter_mode!r} is not one of lora, merged")
-        self.adapter_mode, self.model_path = adapter_mode, model_path
-        if adapter_mode == "merged" and max_adapters > 1:
-            raise EngineError("adapter_mode merged serves one adapter; several (rank1 sweep) need adapter_mode lora")
-        self.max_adapters = max_adapters
+        super().__init__("vllm", dtype, adapter_mode, max_adapters)
+        self.model_path, self.revision = model_path, revision
         lora = adapter_mode == "lora"
         # One LoRA slot per adapter served at once (a sweep's runs): vLLM batches requests of different LoRAs together.
         # vLLM takes only these ranks (MaxLoRARanks); a rank-r adapter is served from the next one up.
@@ -95,7 +87,6 @@ class VLLMEngine(RolloutEngine):
 
         on_gpu = torch.cuda.is_available()
         self.max_lora_rank = max_lora_rank
-        self.dtype = _DTYPES[dtype]
         gpu_args = dict(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization) if on_gpu else {}
         if distributed_executor_backend:
             gpu_args["distributed_executor_backend"] = distributed_executor_backend
@@ -103,7 +94,7 @@ class VLLMEngine(RolloutEngine):
             model=model_path,
             revision=revision,
             trust_remote_code=trust_remote_code,
-            dtype=dtype,
+            dtype=str(self.dtype).removeprefix("torch."),
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             # CPU: no graph capture (start-up is already the slow part); GPU: CUDA graphs unless asked otherwise.
@@ -161,8 +152,8 @@ class VLLMEngine(RolloutEngine):
         from rank1.rollout.merge import BaseWeights, parameters_to_send, rank1_deltas
 
         deltas = rank1_deltas(tensors, peft_config)
-        names = parameters_to_send(BaseWeights(self.model_path), set(deltas) | self._merged, packed=True)
-        self.llm.collective_rpc(reload_merged, args=(self.model_path, names, deltas, str(self.dtype).removeprefix("torch.")))
+        names = parameters_to_send(BaseWeights(self.model_path, self.revision), set(deltas) | self._merged, packed=True)
+        self.llm.collective_rpc(reload_merged, args=(self.model_path, self.revision, names, deltas, str(self.dtype).removeprefix("torch.")))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self._merged = set(deltas)
 
@@ -192,7 +183,7 @@ class VLLMEngine(RolloutEngine):
         self._check_lengths(prompts, "prompt", 1)
         outputs = self.llm.generate(
             [{"prompt_token_ids": list(p)} for p in prompts],
-            self._params(sampling),
+            [self._params(sampling.for_slot(s)) for s in slots],  # each prompt with its slot's seed (a sweep run's)
             lora_request=[self._loras.get(s) for s in slots],  # each prompt through its slot's adapter
             use_tqdm=False,
         )
@@ -218,7 +209,7 @@ class VLLMEngine(RolloutEngine):
         return [[logprob_of(entries, t) for entries, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outputs, sequences)]
 
 
-def reload_merged(worker, model_path: str, names: list[str], deltas: dict, dtype: str) -> None:
+def reload_merged(worker, model_path: str, revision: str | None, names: list[str], deltas: dict, dtype: str) -> None:
     """On each vLLM worker: rebuild the named layers as W0 + s·baᵀ from the checkpoint and reload them in place."""
     import logging
 
@@ -227,7 +218,7 @@ def reload_merged(worker, model_path: str, names: list[str], deltas: dict, dtype
     # Layers not in this reload (norms, embeddings) keep their weights; vLLM warns about each of them.
     for name in ("layerwise", "inplace"):
         logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").setLevel(logging.ERROR)
-    weights = merged_weights(BaseWeights(model_path), names, deltas, getattr(torch, dtype))
+    weights = merged_weights(BaseWeights(model_path, revision), names, deltas, getattr(torch, dtype))
     worker.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
     release_freed_memory()
 

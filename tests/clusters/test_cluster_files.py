@@ -87,6 +87,10 @@ def test_kuberay_rayjob():
     assert workers["replicas"] * 8 == load_config(["--config", str(SFT_RECIPE)]).trainer.num_learners
     env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
     assert env["HF_HOME"].startswith("/mnt/shared")
+    # Pre-emption: `ray job stop` and a deleted pod give the driver time to finish its step and checkpoint.
+    assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 600
+    assert cluster["headGroupSpec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 600
+    assert workers["template"]["spec"]["terminationGracePeriodSeconds"] >= 600
     assert not secrets_in(env)
     assert secrets_in({'HF_TOKEN': 'x'}) and not secrets_in({'TOKENIZERS_PARALLELISM': 'false'})
 
@@ -112,6 +116,7 @@ def test_runtime_env_has_env_vars_and_no_secrets():
     assert env["working_dir"] == "."
     assert all(isinstance(v, str) for v in env["env_vars"].values())  # Ray wants string values
     assert "HF_HOME" in env["env_vars"] and any(k.startswith("NCCL_") for k in env["env_vars"])
+    assert int(env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 600  # Ray's default 3 s kills a checkpoint mid-write
     assert not secrets_in(env["env_vars"])
     assert not SECRET_VALUE.search((CLUSTERS / "runtime_env.yaml").read_text())
 

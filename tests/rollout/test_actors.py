@@ -29,6 +29,22 @@ def test_split_evenly():
 
 
 @pytest.mark.slow
+def test_each_engines_share_is_handed_over_as_it_comes_back(model_path, learner, ray_session):
+    """on_shard gets every engine's completions, already in prompt numbering, before generate returns: the
+    GRPO driver grades one engine's share while the others still generate."""
+    group = EngineGroup.from_config(RolloutConfig(backend="transformers", num_engines=2), model_path)
+    try:
+        prompts = [learner.chat_prompt(f"Name the number {i}.") for i in range(5)]
+        seen: dict[int, list[int]] = {}
+        out = group.generate(prompts, SamplingSpec(n=2, max_new_tokens=4, seed=0),
+                             on_shard=lambda i, shard: seen.__setitem__(i, [c.prompt_index for c in shard]))
+        assert seen == {0: [0, 0, 1, 1, 2, 2], 1: [3, 3, 4, 4]}
+        assert [c.prompt_index for c in out] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.slow
 def test_killed_engine_is_restarted_and_its_batch_retried(model_path, learner, ray_session):
     cfg = RolloutConfig(backend="transformers", num_engines=2, max_restarts=1)
     group = EngineGroup.from_config(cfg, model_path)

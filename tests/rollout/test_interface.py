@@ -66,3 +66,27 @@ def test_check_receipts_names_the_engine_that_is_off():
         check_receipts([good, AdapterReceipt(3, "d", [-1.0, -2.5])], 3, "d")
     with pytest.raises(AdapterSyncError, match="engine 0: received adapter tensors that differ"):
         check_receipts([good], 3, "other")
+
+
+def test_every_engine_setting_reaches_its_backends_constructor():
+    """The GPU settings and the weights' identity (revision, remote code) travel from the config to the engines,
+    under the parameter names each backend's constructor takes (a misspelt one would fail to bind here)."""
+    import inspect
+
+    from rank1.core.config import ModelConfig, RolloutConfig
+    from rank1.rollout.actors import engine_kwargs
+    from rank1.rollout.hf_engine import HFEngine
+    from rank1.rollout.vllm_engine import VLLMEngine
+
+    model = ModelConfig(name_or_path="Qwen/Qwen2.5-32B-Instruct", revision="abc123", trust_remote_code=True)
+    vllm = RolloutConfig(backend="vllm", tensor_parallel_size=4, gpu_memory_utilization=0.7, enforce_eager=False,
+                         dtype="bfloat16", max_model_len=9216, adapter_mode="lora", max_adapters=3)
+    kwargs = engine_kwargs(vllm, model, seed=7)
+    inspect.signature(VLLMEngine.__init__).bind(None, "path", **kwargs)
+    assert {k: kwargs[k] for k in ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager", "revision", "trust_remote_code",
+                                   "dtype", "max_model_len", "seed", "adapter_mode", "max_adapters")} == {
+        "tensor_parallel_size": 4, "gpu_memory_utilization": 0.7, "enforce_eager": False, "revision": "abc123", "trust_remote_code": True,
+        "dtype": "bfloat16", "max_model_len": 9216, "seed": 7, "adapter_mode": "lora", "max_adapters": 3}
+    hf = engine_kwargs(RolloutConfig(backend="transformers", dtype="bfloat16"), model, seed=7)
+    inspect.signature(HFEngine.__init__).bind(None, "path", **hf)
+    assert (hf["revision"], hf["trust_remote_code"], hf["dtype"]) == ("abc123", True, "bfloat16")

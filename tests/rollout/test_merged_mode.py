@@ -113,3 +113,33 @@ def test_vllm_merged_serves_like_lora_and_the_learner(model_path, learner, ray_s
         assert rss_end - rss_start < 64, (rss_start, rss_end)  # no copy of the weights kept; 40 more reloads leave nothing behind
     finally:
         merged.shutdown()
+
+
+def test_merged_mode_finds_a_hub_bases_weights_in_the_hf_cache(model_path, tmp_path):
+    """A base named by Hub id (the 32B recipes) is read from the Hugging Face cache that the engine's own load
+    filled, at the configured revision; a repo that is neither cached nor reachable is a clear error."""
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-base"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "v1").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(os.path.join(model_path, "model.safetensors"))
+    script = (
+        "import torch, sys\n"
+        "from safetensors import safe_open\n"
+        "from rank1.rollout.merge import BaseWeights, checkpoint_folder\n"
+        f"folder = checkpoint_folder('acme/tiny-base', revision='v1')\n"
+        f"assert str(folder).endswith('{commit}'), folder\n"
+        "name = 'model.layers.0.self_attn.q_proj.weight'\n"
+        f"with safe_open('{model_path}/model.safetensors', 'pt') as f: ref = f.get_tensor(name)\n"
+        "assert torch.equal(BaseWeights('acme/tiny-base', 'v1').get(name), ref)\n"
+        "try:\n    BaseWeights('acme/not-cached')\nexcept FileNotFoundError as e:\n    print('ERR', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ERR acme/not-cached: cannot find its safetensors" in result.stdout and "rollout.adapter_mode lora" in result.stdout

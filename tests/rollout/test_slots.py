@@ -43,6 +43,14 @@ def test_transformers_engine_serves_two_adapters(model_path, learner):
     engine = HFEngine(model_path, batch_size=4, max_adapters=2)
     check_each_answer_comes_from_its_own_adapter(engine.load_adapter, engine.generate, engine.score, learner)
     assert engine.version(0) == engine.version(1) == 1
+    # With a seed per slot (a sweep's runs), each slot's prompts sample as they would alone with that seed.
+    prompts, slots = [learner.chat_prompt(t) for t in ("Name a colour.", "Count to three.", "Say hello.")], [0, 1, 0]
+    together = engine.generate(prompts, SamplingSpec(n=2, max_new_tokens=8, seed=0, slot_seeds=(11, 12)), slots)
+    for slot, seed in ((0, 11), (1, 12)):
+        mine = [i for i, s in enumerate(slots) if s == slot]
+        alone = engine.generate([prompts[i] for i in mine], SamplingSpec(n=2, max_new_tokens=8, seed=seed), [slot] * len(mine))
+        assert [c.token_ids for c in together if c.prompt_index in mine] == [c.token_ids for c in alone]
+    assert together != engine.generate(prompts, SamplingSpec(n=2, max_new_tokens=8, seed=0), slots)  # the seeds mattered
     with pytest.raises(EngineError, match="slots: expected one slot in 0..1"):
         engine.generate([[1, 2, 3]], SamplingSpec(max_new_tokens=2), slots=[2])
     with pytest.raises(EngineError, match="merged serves one adapter"):
