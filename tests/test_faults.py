@@ -74,16 +74,17 @@ def test_sigterm_checkpoints_stops_and_resume_is_bit_identical(straight, tmp_pat
 
 
 def test_a_second_signal_stops_at_once(tmp_path):
+    # SIGINT (Ctrl-C) is handled as SIGTERM is: the first is acknowledged, a second one stops at once.
     out = tmp_path / "run"
     proc = start(*SMALL, "--max-steps", "200", "--trainer.checkpoint_every", "0", "--output-dir", str(out))
     wait_for_step(out, 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     for line in proc.stderr:  # the first signal is acknowledged (two sent at once would merge into one)
-        if "send it again to stop at once" in line:
+        if "SIGINT: finishing the step in flight" in line:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signal.SIGINT
     assert not (out / "adapter").exists()
 
 
@@ -153,6 +154,7 @@ def test_nan_steps_are_skipped_counted_and_never_saved(tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite"] for r in rows] == [False, True, False, False]
+    assert [r["nonfinite_total"] for r in rows] == [0, 1, 1, 1]  # a running count in metrics.jsonl
     assert "step 2: the loss or a gradient is NaN or inf; the update was skipped" in stderr
     first, second, third = (load_file(str(out / "checkpoints" / f"step-00000{i}" / "adapter" / "adapter_model.safetensors"))
                             for i in (1, 2, 3))

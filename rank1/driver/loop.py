@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from rank1.driver.checkpoints import latest_checkpoint, save_checkpoint
-from rank1.driver.metrics import log
+from rank1.driver.metrics import log, read_metrics
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on SIGTERM/SIGINT after a checkpoint; `--resume` continues
 
@@ -105,6 +105,8 @@ class StepLoop:
     def __init__(self, run: RunState, desc: str):
         self.run, self.cfg = run, run.cfg
         self.nonfinite_in_a_row = 0
+        earlier = read_metrics(run.out / "metrics.jsonl") if run.start else []  # a resumed run keeps counting
+        self.nonfinite_total = sum(1 for r in earlier if r.get("nonfinite") and r.get("step", 0) <= run.start)
         self.bar = tqdm(total=run.total, initial=run.start, desc=desc, unit="step", disable=not self.cfg.logging.progress)
 
     def steps(self) -> Iterator[int]:
@@ -140,8 +142,12 @@ class StepLoop:
                 raise Preempted(done, checkpoint)
 
     def _count_nonfinite(self, done: int, record: dict) -> None:
+        self.nonfinite_total += bool(record.get("nonfinite"))
+        record["nonfinite_total"] = self.nonfinite_total
         if not record.get("nonfinite"):
             self.nonfinite_in_a_row = 0
+        earlier = read_metrics(run.out / "metrics.jsonl") if run.start else []  # a resumed run keeps counting
+        self.nonfinite_total = sum(1 for r in earlier if r.get("nonfinite") and r.get("step", 0) <= run.start)
             return
         self.nonfinite_in_a_row += 1
         limit = self.cfg.trainer.max_nonfinite_steps

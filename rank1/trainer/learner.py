@@ -112,7 +112,7 @@ class Learner:
         lrs = self.scheduler.get_last_lr()
         lr = lrs[0]
         scale = self.engine.gradient_accumulation_steps() * self.placement.world_size / normalizer
-        loss_sum, tokens, stats, grad_norm = 0.0, 0, {}, None
+        loss_sum, tokens, stats, grad_norm, loss_finite = 0.0, 0, {}, None, True
         poison = injected_fault("RANK1_FAULT_NAN_STEPS", self.steps_done + 1)
         self.engine.train()
         for i, batch in enumerate(micro_batches):
@@ -127,6 +127,8 @@ class Learner:
                 grad_norm = unclipped_grad_norm(self.adapter_params)  # DeepSpeed reports none at stage 0
             if last:
                 schedule = self.scheduler.state_dict()
+            loss_finite = loss_finite and bool(torch.isfinite(loss))
+            self.optimizer.loss_finite = loss_finite  # read by GuardedAdamW at the accumulation boundary
             self.engine.step()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())

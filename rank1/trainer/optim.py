@@ -21,10 +21,11 @@ class GuardedAdamW(torch.optim.AdamW):
     """
 
     overflow = False
+    loss_finite = True  # set by the learner before the step: a NaN loss with finite gradients is skipped too
 
     @torch.no_grad()
     def step(self, closure=None):
-        finite = torch.tensor(1.0)
+        finite = torch.tensor(1.0 if self.loss_finite else 0.0)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all()):

@@ -21,5 +21,5 @@ def test_gpu_check_logic_runs_on_cpu(model_path):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "check" not in line]
-    assert len(table) == 7 and all("| pass" in line or "| skipped" in line for line in table), "\n".join(table)
+    assert len(table) == 8 and all("| pass" in line or "| skipped" in line for line in table), "\n".join(table)
     assert "stale engine caught" in result.stdout

@@ -26,9 +26,9 @@ def dry_run(address: str, *args: str) -> subprocess.CompletedProcess:
 def rows(out: str, role: str) -> list[dict]:
     found = []
     for line in out.splitlines():
-        m = re.match(rf"^{role}\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", line)
+        m = re.match(rf"^{role}\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", line)
         if m:
-            found.append({"rank": int(m[1]), "node": m[2], "visible": m[3], "device": m[4], "gb": m[5]})
+            found.append({"rank": int(m[1]), "local": m[2], "node": m[3], "visible": m[4], "device": m[5], "gb": m[6]})
     return found
 
 
@@ -66,6 +66,7 @@ def test_sft_recipe_on_16_gpus_gives_every_learner_its_own_gpu(gpu_cluster):
     # learner's position on the node: the old rule (node position) would ask ranks 1-15 for an ordinal they cannot see.
     assert sorted(int(r["visible"]) for r in learners) == list(range(16))
     assert all(r["device"] == "cuda:0" for r in learners)
+    assert [int(r["local"]) for r in learners] == list(range(16))  # their ranks on the node (one simulated node of 16)
     assert all(float(r["gb"]) < 141 for r in learners)  # the plan's per-learner share on the recipe's H100 default
     assert "16 GPUs held, none shared" in result.stdout
 
@@ -88,7 +89,7 @@ def test_grpo_recipe_engines_get_tensor_parallel_gpus_on_one_node(gpu_cluster):
     assert len({r["node"] for r in learners}) == 1  # PACK
     for engine in engines:
         gpus = engine["visible"].split(",")
-        assert len(gpus) == 2 and engine["device"] == "2×cuda"  # each tensor-parallel rank holds one GPU
+        assert len(gpus) == 2 and engine["device"] == "2×cuda" and engine["local"] == "-"  # each tensor-parallel rank holds one GPU
     held = [(r["node"], g) for r in learners + engines for g in r["visible"].split(",")]
     assert len(held) == len(set(held)) == 16
     assert "16 GPUs held, none shared" in result.stdout
