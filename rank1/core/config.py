@@ -285,5 +285,13 @@ def cross_checks(cfg: Config) -> None:
             raise ConfigError("adapter.full_finetune: a small-model baseline at trainer.zero_stage 0, from the base (no adapter.init)")
         if cfg.export.push_to_hub:
             raise ConfigError("adapter.full_finetune: the baseline's model is not pushed (export.push_to_hub is for adapters)")
+    for item in cfg.study.full_reference:
+        name, eq, value = item.partition("=")
+        try:
+            ok = bool(eq and name.strip()) and 0 <= float(value) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"study.full_reference: {item!r} is not NAME=ACCURACY with an accuracy in [0, 1] (e.g. math500=0.93)")
     if cfg.eval.n is not None and cfg.eval.n < cfg.eval.k:
         raise ConfigError(f"eval.n: {cfg.eval.n} samples cannot give pass@{cfg.eval.k} (eval.k); use eval.n >= eval.k")

@@ -167,3 +167,22 @@ def test_submit_sh_bad_input(args, address, message, tmp_path):
     proc = run_submit(*args, ray_address=address, tmp_path=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "args").exists()  # ray was never called
+
+
+def test_the_32b_study_recipe_layers_on_the_sft_recipe():
+    from rank1.driver.study.arms import parse_arms
+
+    study = CLUSTERS / "recipes" / "qwen2.5-32b-study.yaml"
+    cfg = load_config(["--config", str(SFT_RECIPE), "--config", str(study)])
+    assert [a.name for a in parse_arms(cfg.study)] == ["base", "rank1-sft"]
+    assert cfg.study.eval_sets == ["aime24", "math500"] and cfg.eval.max_new_tokens == 32768 and cfg.eval.k == 1
+    assert (cfg.study.reference_for("aime24"), cfg.study.reference_for("math500")) == (0.567, 0.93)  # s1-32B, published
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-32B-Instruct" and cfg.data.format == "s1k" and cfg.adapter.r == 1
+
+
+def test_recovery_against_a_published_full_fine_tune():
+    from rank1.driver.study.recovery import recovery
+
+    base, rank1 = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]  # 10 % -> 30 %
+    r = recovery(base, rank1, 0.5)  # the reference gained 40 points: 20 / 40
+    assert r.value == pytest.approx(0.5) and r.low < 0.5 < r.high

@@ -58,8 +58,12 @@ def gain(base: list[float], arm: list[float], draws: int = 2000, seed: int = 0) 
     return Estimate(accuracy(arm) - accuracy(base), *_percentiles(diffs))
 
 
-def recovery(base: list[float], rank1: list[float], full: list[float], draws: int = 2000, seed: int = 0) -> Estimate:
-    """(acc_rank1 - acc_base) / (acc_full - acc_base) and its paired-bootstrap 95 % interval."""
+def recovery(base: list[float], rank1: list[float], full: list[float] | float, draws: int = 2000, seed: int = 0) -> Estimate:
+    """(acc_rank1 - acc_base) / (acc_full - acc_base) and its paired-bootstrap 95 % interval. `full` is the full
+    fine-tune's answers on the same problems, or a published accuracy (a number: it is not resampled)."""
+    if not isinstance(full, list):
+        n = check_paired(base, rank1)
+        full = [float(full)] * n  # a constant per problem: the reference's accuracy in every resample
     n = check_paired(base, rank1, full)
     full_gain = accuracy(full) - accuracy(base)
     if full_gain <= 0:
