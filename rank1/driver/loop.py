@@ -146,8 +146,6 @@ class StepLoop:
         record["nonfinite_total"] = self.nonfinite_total
         if not record.get("nonfinite"):
             self.nonfinite_in_a_row = 0
-        earlier = read_metrics(run.out / "metrics.jsonl") if run.start else []  # a resumed run keeps counting
-        self.nonfinite_total = sum(1 for r in earlier if r.get("nonfinite") and r.get("step", 0) <= run.start)
             return
         self.nonfinite_in_a_row += 1
         limit = self.cfg.trainer.max_nonfinite_steps
