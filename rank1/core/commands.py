@@ -41,7 +41,14 @@ SAE_REPORT = Command("sae report", "Static HTML dashboard and PNG plots.", secti
                      required=("sae.report.analysis", "sae.report.out"))
 SAE_RANDOM = Command("sae random-adapter", "Save a randomly initialized rank-1 adapter (the control).",
                      section="sae.random_adapter", required=("sae.random_adapter.out",))
-SAE_COMMANDS = {c.name.split()[1]: c for c in (SAE_COLLECT, SAE_TRAIN, SAE_ANALYZE, SAE_EXPLAIN, SAE_REPORT, SAE_RANDOM)}
+SAE_CONCEPTS = Command("sae concepts", "LLM-free score: each feature's best concept F1 on held-out documents, per family (JSON + PNG).",
+                      section="sae.concepts", required=("sae.concepts.activations", "sae.concepts.out"))
+SAE_COMPARE = Command("sae compare", "Two SAEs (SFT vs GRPO): shared and unique features, and the adapters' change per module and layer.",
+                     section="sae.compare", required=("sae.compare.sae_a", "sae.compare.sae_b", "sae.compare.out"))
+SAE_ABLATE = Command("sae ablate", "Leave-one-layer-out: KL(full adapter || adapter without layer L) on held-out text (JSON + PNG).",
+                    section="sae.ablate", required=("sae.ablate.adapter", "sae.ablate.out"), flags=SAE_DATA_FLAGS)
+SAE_COMMANDS = {c.name.split()[1]: c for c in (SAE_COLLECT, SAE_TRAIN, SAE_ANALYZE, SAE_EXPLAIN, SAE_REPORT, SAE_RANDOM, SAE_CONCEPTS,
+                                                SAE_COMPARE, SAE_ABLATE)}
 
 
 def command_main(command, argv: list[str], run, errors: tuple[type[BaseException], ...] = (), prog: str | None = None) -> int:

@@ -67,8 +67,9 @@ class SAECollectConfig:
     batch_docs: int = knob(8, gt=0)
     shard_tokens: int = knob(65536, gt=0)
     neurons_per_layer: int = knob(6, ge=0)  # the paper's MLP baseline: first 6 up_proj channels per layer
-    # The first tokens of every document are not stored: position 0 is an attention sink whose adapter
-    # vector is the same in every document at ~10x the norm (measured: 70 % of the variance on SmolLM2).
+    # Recorded with the collection, which stores every position: SAE training, the adapter effect, analysis
+    # and concept scores leave out positions below it. Position 0 is an attention sink whose adapter vector
+    # is the same in every document at ~10x the norm (measured: 70 % of the variance on SmolLM2).
     skip_positions: int = knob(1, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda: the base spread over every visible GPU
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (stored as fp32)
@@ -94,7 +95,9 @@ class SAETrainConfig:
     log_every: int = knob(100, gt=0)
     normalize: bool = True  # scale inputs to mean squared norm d_in
     effect: bool = True  # evaluate the adapter effect recovered (needs the model)
-    eval_data: str | None = None  # held-out data for the effect (default: documents the collection did not use)
+    # The adapter effect is measured on the collection's own data past what it collected (keys effect_recovered,
+    # ...), and on each of these data sets (names or files) too, under keys suffixed '@<name>' (effect_recovered@gsm8k-test).
+    eval_data: list[str] = knob([])
     eval_docs: int = knob(16, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "cpu"
 
@@ -134,6 +137,46 @@ class SAEReportConfig:
 
 
 @dataclass
+class SAEConceptsConfig:
+    """`rank1 sae concepts`: each feature's best concept F1 on held-out documents, per family (no LLM needed)."""
+
+    activations: str | None = None  # a collection folder: adapter directions (±) and MLP neurons
+    sae: str | None = None  # an SAE trained on it: its latents are a family too
+    control: str | None = None  # a collection made with `rank1 sae random-adapter`'s adapter: the random_adapter family
+    out: str | None = None  # output JSON; the F1 distributions go to the same name with .png
+    heldout_fraction: float = knob(0.3, gt=0, lt=1)  # documents held out: F1 is reported on them only
+    threshold: float = knob(0.5, gt=0, le=1)  # the table's share of features with held-out F1 at or above this
+
+
+@dataclass
+class SAECompareConfig:
+    """`rank1 sae compare`: two SAEs (e.g. of an SFT adapter and of the GRPO adapter trained from it)."""
+
+    sae_a: str | None = None
+    sae_b: str | None = None
+    analysis_a: str | None = None  # `rank1 sae analyze --sae SAE_A` output: examples for A's latents
+    analysis_b: str | None = None
+    adapter_a: str | None = None  # default: the adapter SAE A was trained on (its cfg.json)
+    adapter_b: str | None = None
+    out: str | None = None  # output JSON; a PNG beside it
+    quantile: float = knob(0.99, gt=0, lt=1)  # shared: matched cosine above this quantile of random dictionaries'
+    method: Literal["auto", "hungarian", "greedy"] = "auto"
+    examples: int = knob(3, ge=0)  # examples shown per feature
+
+
+@dataclass
+class SAEAblateConfig:
+    """`rank1 sae ablate`: leave one layer's adapters out; KL(full adapter || without the layer) on the data section's text."""
+
+    adapter: str | None = None
+    out: str | None = None  # output JSON; a PNG beside it
+    docs: int = knob(32, gt=0)  # documents read (the first of the data set: pass held-out text)
+    batch_docs: int = knob(8, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+@dataclass
 class SAERandomAdapterConfig:
     out: str | None = None  # the base comes from the model section, the shape from the adapter section
 
@@ -153,6 +196,9 @@ class SAEConfig:
     explain: SAEExplainConfig = subcommand(SAEExplainConfig, "explain")
     report: SAEReportConfig = subcommand(SAEReportConfig, "report")
     random_adapter: SAERandomAdapterConfig = subcommand(SAERandomAdapterConfig, "random-adapter")
+    concepts: SAEConceptsConfig = subcommand(SAEConceptsConfig, "concepts")
+    compare: SAECompareConfig = subcommand(SAECompareConfig, "compare")
+    ablate: SAEAblateConfig = subcommand(SAEAblateConfig, "ablate")
 
 
 @dataclass
@@ -172,4 +218,14 @@ class StudyConfig:
     test_rows: int = knob(400, gt=0, le=1000)  # problems of the arithmetic test set
     validation_data: str = "arithmetic-val"  # where several learning rates are compared (never a test set)
     validation_rows: int = knob(100, gt=0)
-    stages: list[str] = knob(["accuracy", "interpretability"])  # `rank1 study` runs these; `rank1 study accuracy` the first
+    stages: list[Literal["accuracy", "interpretability"]] = knob(["accuracy", "interpretability"])  # `rank1 study accuracy`: the first
+    # A published full fine-tune's accuracy per eval set, NAME=ACCURACY (e.g. math500=0.93 for s1-32B), for the
+    # recovery of a study that trains no full-sft arm (a 32B full fine-tune is not rank1's business)
+    full_reference: list[str] = knob([])
+
+    def reference_for(self, data: str) -> float | None:
+        for item in self.full_reference:
+            name, _, value = item.partition("=")
+            if name.strip() == data:
+                return float(value)
+        return None

@@ -4,9 +4,13 @@ Features come from three sources, each read as non-negative values:
     adapter   each rank-1 adapter direction, its positive and negative side separately (s⁺, s⁻)
     latent    each SAE latent (inference rule)
     neuron    the baseline MLP neurons (first up_proj channels per layer), both sides too
-Two streaming passes over the shards (top-k + density, then histograms), so RAM stays bounded by a
-chunk of tokens × features. Contexts are ±`context` tokens within the same document, with the
-feature's value on every context token.
+Two streaming passes over the shards (top-k + density, then histograms), in chunks of whole documents, so
+RAM stays bounded by a chunk of tokens × features. Attention-sink positions (store.skip_positions) read as
+0 everywhere. Top examples are the best token of each of the top_k best *documents* (one example per
+document, so near-duplicates of one text cannot fill the list or leak between explanation and scoring
+sets). Contexts are ±`context` tokens within the same document, with the feature's value on every context
+token. Each random-pool window also records every feature's maximum over the whole window
+(`random_window_max`): a window is a negative for a feature only when that maximum is 0.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -74,27 +79,42 @@ def sources_for(store: ActivationStore, sae: SparseAutoencoder | None) -> list[S
     return out
 
 
+def _chunk_values(store: ActivationStore, source: Source) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(global index of the first token, values with sink positions zeroed, doc_ids) per chunk of whole documents."""
+    for start, chunk in store.iter_chunks((source.field, "positions"), CHUNK):
+        values = source.values(chunk[source.field]) * store.kept(chunk["positions"])[:, None]
+        yield start, values, chunk["doc_ids"]
+
+
+def _best_per_document(values: torch.Tensor, docs: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, F) maximum of each feature in each of the chunk's D documents, and the global index of its first maximum."""
+    local = torch.unique_consecutive(docs, return_inverse=True)[1][:, None].expand_as(values)
+    n_docs = int(local[-1, 0]) + 1
+    best = torch.zeros(n_docs, values.shape[1]).scatter_reduce_(0, local, values, "amax")
+    index = torch.arange(start, start + len(values))[:, None].expand_as(values)
+    at_best = torch.where(values == best.gather(0, local), index, torch.iinfo(torch.long).max)
+    where = torch.full_like(best, torch.iinfo(torch.long).max, dtype=torch.long).scatter_reduce_(0, local, at_best, "amin")
+    return best, where
+
+
 @torch.no_grad()
-def _scan(store: ActivationStore, source: Source, settings: SAEAnalyzeConfig, pool: torch.Tensor, bar) -> dict:
+def _scan(store: ActivationStore, source: Source, settings: SAEAnalyzeConfig, pool_windows: tuple, bar) -> dict:
     F, K = source.n_features, settings.top_k
     top_vals, top_idx = torch.zeros(0, F), torch.zeros(0, F, dtype=torch.long)
     active, maxima = torch.zeros(F, dtype=torch.long), torch.zeros(F)
-    pool_values = torch.zeros(len(pool), F)
-    for offset, shard in store.iter_shards((source.field,)):
-        rows = shard[source.field]
-        for start in range(0, len(rows), CHUNK):
-            values = source.values(rows[start : start + CHUNK])
-            index = torch.arange(offset + start, offset + start + len(values))
-            active += (values > 0).sum(0)
-            maxima = torch.maximum(maxima, values.max(0).values)
-            vals = torch.cat([top_vals, values])
-            idx = torch.cat([top_idx, index[:, None].expand_as(values)])
-            top_vals, order = vals.topk(min(K, len(vals)), dim=0)
-            top_idx = idx.gather(0, order)
-            in_chunk = (pool >= index[0]) & (pool <= index[-1])
-            pool_values[in_chunk] = values[pool[in_chunk] - index[0]]
-        bar.update(len(rows))
-    return {"top_vals": top_vals, "top_idx": top_idx, "active": active, "max": maxima, "pool_values": pool_values}
+    window_of, window_token, n_windows = pool_windows
+    window_max = torch.zeros(n_windows, F)
+    for start, values, docs in _chunk_values(store, source):
+        active += (values > 0).sum(0)
+        maxima = torch.maximum(maxima, values.max(0).values)
+        best, where = _best_per_document(values, docs, start)
+        vals, idx = torch.cat([top_vals, best]), torch.cat([top_idx, where])
+        top_vals, order = vals.topk(min(K, len(vals)), dim=0)
+        top_idx = idx.gather(0, order)
+        inside = (window_token >= start) & (window_token < start + len(values))
+        window_max.scatter_reduce_(0, window_of[inside, None].expand(-1, F), values[window_token[inside] - start], "amax")
+        bar.update(len(values))
+    return {"top_vals": top_vals, "top_idx": top_idx, "active": active, "max": maxima, "window_max": window_max}
 
 
 @torch.no_grad()
@@ -102,14 +122,11 @@ def _histograms(store: ActivationStore, source: Source, maxima: torch.Tensor, bi
     F = source.n_features
     counts = torch.zeros(F * bins, dtype=torch.long)
     width = (maxima / bins).clamp(min=1e-12)
-    for _, shard in store.iter_shards((source.field,)):
-        rows = shard[source.field]
-        for start in range(0, len(rows), CHUNK):
-            values = source.values(rows[start : start + CHUNK])
-            hit = values > 0
-            b = (values / width).long().clamp(max=bins - 1)
-            flat = (torch.arange(F) * bins).expand_as(b)[hit] + b[hit]
-            counts += torch.bincount(flat, minlength=F * bins)
+    for _, values, _ in _chunk_values(store, source):
+        hit = values > 0
+        b = (values / width).long().clamp(max=bins - 1)
+        flat = (torch.arange(F) * bins).expand_as(b)[hit] + b[hit]
+        counts += torch.bincount(flat, minlength=F * bins)
     return counts.view(F, bins)
 
 
@@ -126,7 +143,8 @@ def _examples(store: ActivationStore, source: Source, centers: torch.Tensor, fea
     idx, same = _windows(store, centers, context)
     got = store.gather(idx.flatten(), ("token_ids", "doc_ids", "positions", source.field))
     rows = got[source.field]
-    values = source.pair_values(rows, features[:, None].expand_as(idx).flatten()).view(idx.shape)
+    values = source.pair_values(rows, features[:, None].expand_as(idx).flatten()) * store.kept(got["positions"])
+    values = values.view(idx.shape)
     tokens = got["token_ids"].view(idx.shape)
     out = []
     for i in range(len(centers)):
@@ -143,21 +161,28 @@ def _examples(store: ActivationStore, source: Source, centers: torch.Tensor, fea
     return out
 
 
+def _pool_windows(store: ActivationStore, pool: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(window number, global token index) of every token of every pool window, as _examples cuts them; the window count."""
+    idx, same = _windows(store, pool, context)
+    return torch.arange(len(pool))[:, None].expand_as(idx)[same], idx[same], len(pool)
+
+
 def analyze(store: ActivationStore, sae: SparseAutoencoder | None, tokenizer, settings: SAEAnalyzeConfig, seed: int = 0,
             progress: bool = True) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    n_pool = min(settings.random_examples, store.n_tokens)
-    pool = torch.randperm(store.n_tokens, generator=gen)[:n_pool].sort().values
+    kept = store.kept_index
+    pool = kept[torch.randperm(len(kept), generator=gen)[: min(settings.random_examples, len(kept))]].sort().values
     pool_examples = [
         {"index": e["index"], "doc": e["doc"], "pos": e["pos"], "tokens": e["tokens"], "center": e["center"]}
         for e in _examples(store, Source("adapter", "adapter", store.adapter_names, True), pool, torch.zeros_like(pool), settings.context)
     ]
+    pool_windows = _pool_windows(store, pool, settings.context)
     features, vocab = [], set()
     for e in pool_examples:
         vocab.update(e["tokens"])
     for source in sources_for(store, sae):
         bar = tqdm(total=store.n_tokens, unit="tok", disable=not progress, desc=f"analyze {source.name}")
-        scan = _scan(store, source, settings, pool, bar)
+        scan = _scan(store, source, settings, pool_windows, bar)
         bar.close()
         hist = _histograms(store, source, scan["max"], settings.bins)
         F = source.n_features
@@ -176,15 +201,15 @@ def analyze(store: ActivationStore, sae: SparseAutoencoder | None, tokenizer, se
             for f in group:
                 features.append({
                     **source.describe(f),
-                    "density": float(scan["active"][f]) / store.n_tokens,
+                    "density": float(scan["active"][f]) / store.n_kept,
                     "max": float(scan["max"][f]),
                     "histogram": {"max": float(scan["max"][f]), "bins": settings.bins, "counts": hist[f].tolist()},
                     "examples": by_feature[f],
-                    "random_values": [round(v, 5) for v in scan["pool_values"][:, f].tolist()],
+                    "random_window_max": [round(v, 5) for v in scan["window_max"][:, f].tolist()],
                 })
     return {
-        "meta": {"activations": str(store.dir), "tokens": store.n_tokens, "model": store.meta.get("model"), "adapter": store.meta.get("adapter"),
-                 **dataclasses.asdict(settings), "seed": seed},
+        "meta": {"activations": str(store.dir), "tokens": store.n_kept, "model": store.meta.get("model"), "adapter": store.meta.get("adapter"),
+                 "skip_positions": store.skip_positions, **dataclasses.asdict(settings), "seed": seed},
         "vocab": {str(t): tokenizer.decode([t]) for t in sorted(vocab)},
         "random_pool": pool_examples,
         "features": features,

@@ -1,10 +1,15 @@
-"""`rank1 sae ...`: collect, train, analyze, explain, report, random-adapter — each reads the config tree.
+"""`rank1 sae ...`: collect, train, analyze, explain, report, random-adapter, concepts, compare, ablate — each
+reads the config tree.
 
     rank1 sae collect --adapter runs/sft/adapter --data ../shared/data/gsm8k/test.jsonl --tokens 100000 --out acts/
-    rank1 sae train --activations acts/ --out sae/
+    rank1 sae train --activations acts/ --out sae/ --eval-data ../shared/data/gsm8k/test.jsonl
     rank1 sae analyze --activations acts/ --sae sae/ --out analysis.json
     rank1 sae explain --analysis analysis.json --base-url http://127.0.0.1:8000/v1 --llm gpt-x --out explanations.json
     rank1 sae report --analysis analysis.json --explanations explanations.json --out dashboard/
+    rank1 sae random-adapter --out random/ && rank1 sae collect --adapter random/ --data ... --out random_acts/
+    rank1 sae concepts --activations acts/ --sae sae/ --control random_acts/ --out concepts.json
+    rank1 sae compare --sae-a sft_sae/ --sae-b grpo_sae/ --analysis-a a.json --analysis-b b.json --out compare.json
+    rank1 sae ablate --adapter runs/sft/adapter --data arithmetic-heldout.jsonl --out ablation.json
 
 Each subcommand's flags are the fields of its section (`--k` is `--sae.train.k`); the documents and the
 base come from the data and model sections (`--data`, `--model`), as for `rank1 train`.
@@ -66,7 +71,10 @@ def explain(cfg: Config) -> dict:
     path = Path(e.analysis)
     if not path.is_file():
         raise SAEError(f"--analysis {path}: no such file (run `rank1 sae analyze` first)")
-    result = explain_all(client, json.loads(path.read_text()), e, seed=cfg.seed, progress=cfg.logging.progress)
+    analysis = json.loads(path.read_text())
+    if any("random_window_max" not in f for f in analysis.get("features", [])):
+        raise SAEError(f"--analysis {path}: no random_window_max per feature (an older analysis); rerun `rank1 sae analyze`")
+    result = explain_all(client, analysis, e, seed=cfg.seed, progress=cfg.logging.progress)
     Path(e.out).parent.mkdir(parents=True, exist_ok=True)
     Path(e.out).write_text(json.dumps(result, indent=1))
     return {"out": e.out, "explained": len(result["explanations"])}
@@ -88,8 +96,26 @@ def random_adapter(cfg: Config) -> dict:
     return {"out": str(build_random_adapter(cfg.sae.random_adapter.out, cfg.model, cfg.adapter, seed=cfg.seed))}
 
 
+def concepts(cfg: Config) -> dict:
+    from rank1.sae.concept_table import write_concept_table
+
+    return write_concept_table(cfg.sae.concepts, cfg.data.think_open, cfg.data.think_close, seed=cfg.seed)
+
+
+def compare(cfg: Config) -> dict:
+    from rank1.sae.compare_saes import write_comparison
+
+    return write_comparison(cfg.sae.compare, seed=cfg.seed)
+
+
+def ablate(cfg: Config) -> dict:
+    from rank1.sae.ablate import ablate as run
+
+    return run(cfg.sae.ablate, cfg.data, cfg.model)
+
+
 RUNNERS = {"collect": collect, "train": train, "analyze": analyze, "explain": explain, "report": report,
-           "random-adapter": random_adapter}
+           "random-adapter": random_adapter, "concepts": concepts, "compare": compare, "ablate": ablate}
 
 
 def main(argv: list[str]) -> int:

@@ -41,6 +41,7 @@ def collect(settings: SAECollectConfig, data_cfg: DataConfig, model_cfg: ModelCo
         "batch_docs": settings.batch_docs,
         "adapter_names": capture.adapter_names,
         "neuron_names": capture.neuron_names,
+        "skip_positions": settings.skip_positions,
     }
     writer = ShardWriter(out_dir, meta, settings.shard_tokens)
     decoder = decoder_only(model)
@@ -52,7 +53,7 @@ def collect(settings: SAECollectConfig, data_cfg: DataConfig, model_cfg: ModelCo
             batch = docs[doc : doc + settings.batch_docs]
             ids, mask, _ = padded_batch(batch, tokenizer.pad_token_id)
             decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-            keep = mask.bool()
+            keep = mask.bool()  # every position is stored; readers leave out the attention sink (store.py)
             positions = torch.arange(ids.shape[1]).expand_as(ids)
             doc_ids = (torch.arange(len(batch)) + doc).unsqueeze(1).expand_as(ids)
             before = writer.tokens

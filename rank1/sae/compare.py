@@ -86,7 +86,7 @@ def match_dictionaries(W_a: torch.Tensor, W_b: torch.Tensor, seed: int = 0, quan
     """Shared and unique features of two decoders W_dec (d_sae_a, d_in) and (d_sae_b, d_in).
 
     Returns threshold, pairs [(i, j, cos)] with cos > threshold (best first), unique_a / unique_b (indices
-    in no shared pair), their counts and shares, and the matching method used."""
+    in no shared pair), their counts and shares, the cosines of every matched pair, and the method used."""
     if W_a.ndim != 2 or W_b.ndim != 2 or W_a.shape[1] != W_b.shape[1]:
         raise ValueError(f"decoders must be (d_sae, d_in) with the same d_in; got {tuple(W_a.shape)} and {tuple(W_b.shape)}")
     if not (torch.isfinite(W_a).all() and torch.isfinite(W_b).all()):
@@ -106,6 +106,7 @@ def match_dictionaries(W_a: torch.Tensor, W_b: torch.Tensor, seed: int = 0, quan
         "quantile": quantile,
         "method": used,
         "pairs": pairs,
+        "matched_cosines": sorted(values.tolist(), reverse=True),
         "unique_a": unique_a,
         "unique_b": unique_b,
         "n_shared": len(pairs),

@@ -307,10 +307,13 @@ def score_collection(store: ActivationStore, tokenizer, sae: SparseAutoencoder |
     """Concept F1 of every feature of a collection (adapter ± sides, SAE latents, MLP neurons; analyze.sources_for).
 
     Each result gets analyze's id/source/index/sign/name and family = prefix + source ('random_' for the
-    collection made with the randomly initialised control adapter); `sources` keeps only those named."""
-    labels, doc_ids = label_store(store, tokenizer, think_open, think_close)
+    collection made with the randomly initialised control adapter); `sources` keeps only those named.
+    Positions below store.skip_positions (the attention sink) are left out."""
+    labels, doc_ids = label_store(store, tokenizer, think_open, think_close)  # whole documents, sink included
     names, matrix = _label_matrix(labels, store.n_tokens)
     heldout = torch.from_numpy(heldout_split(doc_ids, heldout_fraction, seed))
+    kept = torch.zeros(store.n_tokens, dtype=torch.bool)
+    kept[store.kept_index] = True  # attention-sink positions are labelled but not scored
     wanted = None if sources is None else set(sources)
     out = []
     for source in sources_for(store, sae):
@@ -318,7 +321,8 @@ def score_collection(store: ActivationStore, tokenizer, sae: SparseAutoencoder |
             continue
         scorer = ConceptScorer(source.n_features, names, device)
         for span, values in _source_chunks(store, source):
-            scorer.add(values, matrix[span], heldout[span])
+            keep = kept[span]
+            scorer.add(values[keep], matrix[span][keep], heldout[span][keep])
         for r in scorer.results():
             out.append({**source.describe(r["feature"]), "family": prefix + source.name, **r})
     return out

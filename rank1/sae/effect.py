@@ -28,8 +28,8 @@ def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
 class AdapterEffect:
     """Held-out documents with cached base/adapter losses and adapter activations."""
 
-    def __init__(self, model, docs: list[Document], pad_id: int, batch_docs: int = 4):
-        self.model = model
+    def __init__(self, model, docs: list[Document], pad_id: int, batch_docs: int = 4, skip_positions: int = 0):
+        self.model, self.skip = model, skip_positions  # positions the collection left out keep their own activations
         self.batches = [padded_batch(docs[i : i + batch_docs], pad_id) for i in range(0, len(docs), batch_docs)]
         if not self.batches:
             raise SAEError("adapter effect: no held-out documents")
@@ -55,12 +55,13 @@ class AdapterEffect:
     @torch.no_grad()
     def __call__(self, sae) -> dict:
         spliced = 0.0
-        held_out = [s[mask.bool()] for (_, mask, _), s in zip(self.batches, self.activations)]
+        held_out = [s[:, self.skip :][mask[:, self.skip :].bool()] for (_, mask, _), s in zip(self.batches, self.activations)]
         reconstruction = evaluate_reconstruction(sae, held_out)
         with torch.inference_mode():
             for (ids, mask, labels), s in zip(self.batches, self.activations):
                 flat = s.reshape(-1, s.shape[-1])
                 recon = sae(flat).reshape(s.shape)
+                recon[:, : self.skip] = s[:, : self.skip]
                 with SpliceAdapters(self.model, recon):
                     loss, _ = _loss_sum(self.model(input_ids=ids, attention_mask=mask).logits, labels)
                 spliced += loss

@@ -1,57 +1,37 @@
-"""`rank1 sae explain`: an LLM explains each feature from its top examples, then is scored.
+"""`rank1 sae explain`: an LLM explains each feature from its top examples, then a judge scores the explanation.
 
-* explanation + self-rating: the client sees the even-ranked top examples (activating tokens marked
-  with their value) and answers with a one-line explanation and a 1-5 rating of how consistently the
-  examples fit it (the paper's self-rating).
-* detection accuracy: on held-out examples — odd-ranked top examples (positives) and random tokens
-  where the feature is 0 (negatives), shuffled — the client says for each whether the explanation
-  applies; accuracy is the fraction it gets right (0.5 = chance).
+Examples are one window per document (analyze keeps the best token of each document; older analyses are
+deduplicated here). The explanation set is the even-ranked examples; the scoring set is the odd-ranked ones
+plus random windows that are silent (the feature's maximum over the whole window is 0), and no document is
+on both sides: a scoring window whose document is in the explanation set is dropped.
+
+* explanation + self-rating: the explainer sees the explanation set (active tokens marked with their value)
+  and answers with a one-line explanation and a 1-5 rating of how consistently the examples fit it (the
+  paper's self-rating).
+* detection and fuzzing scores on the scoring set: scorers.py.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import random
 import re
-import dataclasses
 
 from tqdm.auto import tqdm
 
 from rank1.core.config import SAEExplainConfig
 from rank1.sae.clients import ChatClient
-
-SYSTEM = "You are an interpretability researcher explaining features of a language model."
-
-
-def render(example: dict, vocab: dict, mark: bool) -> str:
-    """Example text; with `mark`, tokens where the feature is active are wrapped as <<token>>(value)."""
-    parts = []
-    values = example.get("values") or [0.0] * len(example["tokens"])
-    peak = max(values) if values else 0.0
-    for token, value in zip(example["tokens"], values):
-        text = vocab.get(str(token), "")
-        parts.append(f"<<{text}>>({value:.2f})" if mark and value > 0 and value >= 0.3 * peak else text)
-    return "".join(parts).replace("\n", "\\n")
+from rank1.sae.scorers import SYSTEM, active_positions, detection, fuzzing, render
 
 
-def explanation_prompt(feature: dict, examples: list[dict], vocab: dict) -> list[dict]:
-    shown = "\n".join(f"{i + 1}. {render(e, vocab, mark=True)}" for i, e in enumerate(examples))
+def explanation_prompt(examples: list[dict], vocab: dict) -> list[dict]:
+    shown = "\n".join(f"{i + 1}. {render(e, vocab, active_positions(e), show_values=True)}" for i, e in enumerate(examples))
     user = (
         f"Below are text excerpts where a feature of a language model is most active. Active tokens are "
         f"marked <<like this>>(activation).\n\n{shown}\n\n"
         "What does the feature respond to? Answer in exactly two lines:\n"
         "EXPLANATION: <one short sentence>\n"
         "RATING: <1-5, how consistently all examples fit your explanation (5 = all clearly)>"
-    )
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-
-
-def detection_prompt(explanation: str, examples: list[dict], vocab: dict) -> list[dict]:
-    shown = "\n".join(f"{i + 1}. {render(e, vocab, mark=False)}" for i, e in enumerate(examples))
-    user = (
-        f"A feature of a language model is explained as: \"{explanation}\"\n\nFor each excerpt below, would the "
-        f"feature be active on some token of it?\n\n{shown}\n\n"
-        f"Answer with a JSON list of {len(examples)} numbers, 1 for yes and 0 for no, and nothing else."
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
@@ -63,41 +43,35 @@ def parse_explanation(reply: str) -> tuple[str, int | None]:
     return text, int(rating.group(1)) if rating else None
 
 
-def parse_predictions(reply: str, n: int) -> list[int] | None:
-    match = re.search(r"\[[^\]]*\]", reply)
-    if not match:
-        return None
-    try:
-        values = json.loads(match.group(0))
-    except json.JSONDecodeError:
-        return None
-    if len(values) != n or any(v not in (0, 1, True, False) for v in values):
-        return None
-    return [int(v) for v in values]
+def one_per_document(examples: list[dict]) -> list[dict]:
+    """The first (best) example of each document, in order."""
+    seen: set[int] = set()
+    return [e for e in examples if not (e["doc"] in seen or seen.add(e["doc"]))]
+
+
+def split_by_document(feature: dict, pool: list[dict], settings: SAEExplainConfig, rng: random.Random) -> tuple[list, list, list]:
+    """(explanation set, held-out positives, silent negatives); no document in the first and the others."""
+    examples = one_per_document(feature["examples"])
+    explain = examples[0::2][: settings.n_explain]
+    taken = {e["doc"] for e in explain}
+    positives = [e for e in examples[1::2] if e["doc"] not in taken][: settings.n_score]
+    silent = [e for e, peak in zip(pool, feature["random_window_max"]) if peak == 0 and e["doc"] not in taken]
+    rng.shuffle(silent)
+    return explain, positives, one_per_document(silent)[: settings.n_score]
 
 
 def explain_feature(client: ChatClient, feature: dict, data: dict, settings: SAEExplainConfig, rng: random.Random) -> dict:
-    examples, vocab = feature["examples"], data["vocab"]
-    result = {"id": feature["id"], "source": feature["source"], "explanation": None, "self_rating": None, "detection_accuracy": None}
-    if not examples:
+    vocab = data["vocab"]
+    result = {"id": feature["id"], "source": feature["source"], "explanation": None, "self_rating": None,
+              "detection_accuracy": None, "fuzzing_accuracy": None, "explain_docs": [], "detection": [], "fuzzing": []}
+    if not feature["examples"]:
         return {**result, "skipped": "the feature never activates"}
-    reply = client.complete(explanation_prompt(feature, examples[0::2][: settings.n_explain], vocab), settings.max_tokens)
+    explain, positives, negatives = split_by_document(feature, data["random_pool"], settings, rng)
+    reply = client.complete(explanation_prompt(explain, vocab), settings.max_tokens)
     result["explanation"], result["self_rating"] = parse_explanation(reply)
-    positives = examples[1::2][: settings.n_score]
-    pool = data["random_pool"]
-    negatives = [pool[i] for i, v in enumerate(feature["random_values"]) if v == 0]
-    rng.shuffle(negatives)
-    negatives = negatives[: len(positives)]
-    trials = [(e, 1) for e in positives] + [(e, 0) for e in negatives]
-    rng.shuffle(trials)
-    if not trials:
-        return result
-    reply = client.complete(detection_prompt(result["explanation"], [e for e, _ in trials], vocab), settings.max_tokens)
-    predictions = parse_predictions(reply, len(trials))
-    if predictions is None:
-        return {**result, "detection_error": "could not parse the detection reply"}
-    result["detection_accuracy"] = sum(p == label for p, (_, label) in zip(predictions, trials)) / len(trials)
-    result["n_scored"] = len(trials)
+    result["explain_docs"] = [e["doc"] for e in explain]
+    result.update(detection(client, result["explanation"], positives, negatives, vocab, rng, settings.max_tokens))
+    result.update(fuzzing(client, result["explanation"], positives, vocab, rng, settings.max_tokens))
     return result
 
 

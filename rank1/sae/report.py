@@ -44,6 +44,7 @@ def comparison_rows(analysis: dict, explanations: dict | None) -> list[dict]:
             continue
         scored = [by_id[f["id"]] for f in feats if f["id"] in by_id]
         accuracy = [e["detection_accuracy"] for e in scored if e.get("detection_accuracy") is not None]
+        fuzzing = [e["fuzzing_accuracy"] for e in scored if e.get("fuzzing_accuracy") is not None]
         ratings = [e["self_rating"] for e in scored if e.get("self_rating") is not None]
         rows.append({
             "source": source,
@@ -53,6 +54,7 @@ def comparison_rows(analysis: dict, explanations: dict | None) -> list[dict]:
             "median_density": statistics.median(f["density"] for f in feats),
             "explained": len(scored),
             "detection_accuracy": statistics.mean(accuracy) if accuracy else None,
+            "fuzzing_accuracy": statistics.mean(fuzzing) if fuzzing else None,
             "self_rating": statistics.mean(ratings) if ratings else None,
             "rated_4_or_more": (sum(r >= 4 for r in ratings) / len(ratings)) if ratings else None,
         })
@@ -90,7 +92,7 @@ def render_html(analysis: dict, explanations: dict | None, max_examples: int = 1
     rows = comparison_rows(analysis, explanations)
     table = "".join(
         f"<tr><td>{html.escape(r['title'])}</td><td>{r['features']}</td><td>{r['alive']}</td><td>{_fmt(r['median_density'], 4)}</td>"
-        f"<td>{r['explained']}</td><td>{_fmt(r['detection_accuracy'])}</td><td>{_fmt(r['self_rating'], 2)}</td><td>{_fmt(r['rated_4_or_more'], 2)}</td></tr>"
+        f"<td>{r['explained']}</td><td>{_fmt(r['detection_accuracy'])}</td><td>{_fmt(r['fuzzing_accuracy'])}</td><td>{_fmt(r['self_rating'], 2)}</td><td>{_fmt(r['rated_4_or_more'], 2)}</td></tr>"
         for r in rows
     )
     cards = []
@@ -98,7 +100,7 @@ def render_html(analysis: dict, explanations: dict | None, max_examples: int = 1
         e = by_id.get(f["id"], {})
         scores = (
             f"<p><b>Explanation:</b> {html.escape(e['explanation'])} — detection accuracy {_fmt(e.get('detection_accuracy'))}, "
-            f"self-rating {_fmt(e.get('self_rating'))}</p>"
+            f"fuzzing accuracy {_fmt(e.get('fuzzing_accuracy'))}, self-rating {_fmt(e.get('self_rating'))}</p>"
             if e.get("explanation") else ""
         )
         examples = "".join(_example_html(x, analysis["vocab"]) for x in f["examples"][:max_examples]) or "<p class='meta'>never active</p>"
@@ -115,7 +117,7 @@ def render_html(analysis: dict, explanations: dict | None, max_examples: int = 1
 <body><h1>Rank-1 adapter features</h1>
 <p class="meta">model {html.escape(str(meta.get('model')))} · adapter {html.escape(str(meta.get('adapter')))} · {meta['tokens']:,} tokens</p>
 <h2>LoRA directions vs SAE latents vs MLP neurons</h2>
-<table id="comparison"><tr><th>features</th><th>count</th><th>ever active</th><th>median density</th><th>explained</th><th>detection accuracy</th><th>self-rating</th><th>rated ≥4</th></tr>{table}</table>
+<table id="comparison"><tr><th>features</th><th>count</th><th>ever active</th><th>median density</th><th>explained</th><th>detection accuracy</th><th>fuzzing accuracy</th><th>self-rating</th><th>rated ≥4</th></tr>{table}</table>
 {images}
 <h2>Features</h2><label>Show <select id="source-filter"><option value="all">all</option>{options}</select></label>
 {''.join(cards)}
@@ -144,13 +146,14 @@ def write_plots(analysis: dict, explanations: dict | None, out: Path) -> list[st
     plt.close(fig)
     names.append("density.png")
     if any(r["detection_accuracy"] is not None for r in rows):
-        fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
         titles = [r["title"] for r in rows]
-        axes[0].bar(titles, [r["detection_accuracy"] or 0 for r in rows], color="#4a7")
-        axes[0].axhline(0.5, color="#999", linestyle="--", linewidth=1)
-        axes[0].set_ylabel("detection accuracy")
-        axes[1].bar(titles, [r["self_rating"] or 0 for r in rows], color="#47a")
-        axes[1].set_ylabel("self-rating (1-5)")
+        for ax, key, color in ((axes[0], "detection_accuracy", "#4a7"), (axes[1], "fuzzing_accuracy", "#a74")):
+            ax.bar(titles, [r[key] or 0 for r in rows], color=color)
+            ax.axhline(0.5, color="#999", linestyle="--", linewidth=1)  # chance (balanced accuracy)
+            ax.set_ylabel(key.replace("_", " "))
+        axes[2].bar(titles, [r["self_rating"] or 0 for r in rows], color="#47a")
+        axes[2].set_ylabel("self-rating (1-5)")
         for ax in axes:
             ax.tick_params(axis="x", labelrotation=20, labelsize=7)
         fig.tight_layout()

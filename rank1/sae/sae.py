@@ -67,6 +67,21 @@ class SparseAutoencoder(nn.Module):
             self.scale.fill_(float(mean_norm / self.cfg.d_in**0.5))
         self.b_dec.copy_((sample / self.scale).mean(0))
 
+    @torch.no_grad()
+    def fit_encoder_scale(self, sample: torch.Tensor) -> None:
+        """Scale the tied encoder so the first reconstruction is the least-squares multiple of itself.
+
+        With W_enc = W_dec.T, a token's k chosen latents each carry its whole projection on their direction, so
+        their sum overshoots (BatchTopK gives large-norm tokens many latents): the first FVU was 2-10, worse
+        than the mean. The choice of latents does not depend on a positive scale (b_enc is 0), so one scalar
+        c = <x - b_dec, x̂0> / ||x̂0||² fixes it, and the first FVU is at most 1 on this sample.
+        """
+        centered = sample - self.b_dec
+        x_hat0 = self.activate(self.pre_acts(sample), training=True) @ self.W_dec
+        c = float((centered * x_hat0).sum() / (x_hat0**2).sum().clamp(min=1e-12))
+        if c > 0:
+            self.W_enc.mul_(c)
+
     # ------------------------------------------------------------ forward
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,17 @@ Each shard holds, for a run of whole batches of documents:
     token_ids  int32   (tokens,)
     doc_ids    int64   (tokens,)              index of the document in the data set
     positions  int32   (tokens,)              offset of the token in its document
+Every token of every document is stored, so documents are whole (concept labels need the whole text). The
+first `skip_positions` positions of each document (meta; sae.collect.skip_positions) are the attention
+sink: every reader leaves them out — SAE training (batches), the adapter effect, analysis and concept
+scores (kept(), kept_index) — so one setting, recorded with the collection, applies everywhere.
 `manifest.json` lists the shards in order; a shard is written to a temporary name and renamed, then
 the manifest is rewritten the same way, so a crash never leaves a listed shard half-written.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -131,6 +136,25 @@ class ActivationStore:
         return self.offsets[-1]
 
     @property
+    def skip_positions(self) -> int:
+        """Positions below this are left out by every reader (collections made before the setting: 0)."""
+        return int(self.meta.get("skip_positions", 0))
+
+    def kept(self, positions: torch.Tensor) -> torch.Tensor:
+        """True where a token is read (its position is not an attention-sink position)."""
+        return positions >= self.skip_positions
+
+    @functools.cached_property
+    def kept_index(self) -> torch.Tensor:
+        """Global indices of every kept token, in order."""
+        parts = [offset + self.kept(shard["positions"]).nonzero()[:, 0] for offset, shard in self.iter_shards(("positions",))]
+        return torch.cat(parts).long()
+
+    @property
+    def n_kept(self) -> int:
+        return len(self.kept_index)
+
+    @property
     def adapter_names(self) -> list[str]:
         return self.meta["adapter_names"]
 
@@ -159,15 +183,31 @@ class ActivationStore:
         for i in range(len(self.shards)):
             yield self.offsets[i], self.load_shard(i, fields)
 
+    def iter_chunks(self, fields, chunk_tokens: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(global index of the first token, tensors) for runs of whole documents of about chunk_tokens tokens.
+
+        A shard holds whole documents, so cutting at the first document start after chunk_tokens keeps every
+        document inside one chunk (per-document reductions need no carry-over)."""
+        fields = tuple(dict.fromkeys((*fields, "doc_ids")))
+        for offset, shard in self.iter_shards(fields):
+            docs, start = shard["doc_ids"], 0
+            while start < len(docs):
+                stop = min(start + chunk_tokens, len(docs))
+                while stop < len(docs) and docs[stop] == docs[stop - 1]:
+                    stop += 1
+                yield offset + start, {name: value[start:stop] for name, value in shard.items()}
+                start = stop
+
     def batches(self, batch_size: int, field: str = "adapter", seed: int = 0, window: int = 4, drop_last: bool = True) -> Iterator[torch.Tensor]:
-        """One epoch of rows of `field`, shuffled within windows of `window` shards (RAM stays bounded)."""
+        """One epoch of the kept rows of `field`, shuffled within windows of `window` shards (RAM stays bounded)."""
         rng = random.Random(seed)
         order = list(range(len(self.shards)))
         rng.shuffle(order)
         gen = torch.Generator().manual_seed(seed)
         carry = None
         for start in range(0, len(order), window):
-            rows = torch.cat([self.load_shard(i, (field,))[field] for i in order[start : start + window]])
+            shards = [self.load_shard(i, (field, "positions")) for i in order[start : start + window]]
+            rows = torch.cat([s[field][self.kept(s["positions"])] for s in shards])
             rows = rows[torch.randperm(len(rows), generator=gen)]
             if carry is not None:
                 rows = torch.cat([carry, rows])

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,16 +24,37 @@ from rank1.sae.trainer import train_sae
 EFFECT_MAX_LENGTH = 256  # tokens per held-out document for the adapter effect
 
 
-def build_effect(store: ActivationStore, data: str | None, docs_wanted: int, adapter: str | None = None) -> AdapterEffect:
-    """Held-out documents for the effect: `data`, or the collection's own data past what it collected."""
+def data_label(data: str) -> str:
+    """A short key suffix for a data set: 'arithmetic', or '<folder>-<stem>' of a file (gsm8k-test)."""
+    path = Path(data)
+    if not path.suffix:
+        return data
+    return f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
+
+
+def build_effects(store: ActivationStore, eval_data: list[str], docs_wanted: int, adapter: str | None = None) -> Callable[[SparseAutoencoder], dict]:
+    """The adapter effect on the collection's own data past what it collected (plain keys, e.g. effect_recovered)
+    and on every `eval_data` set (keys suffixed '@label', e.g. effect_recovered@gsm8k-test), one model for all."""
     meta = store.meta
+    labels = [data_label(d) for d in eval_data]
+    if len(set(labels)) < len(labels):
+        raise SAEError(f"--eval-data {', '.join(eval_data)}: two data sets would log under the same name ({', '.join(labels)})")
     model, tokenizer, _, _ = load_for_study(adapter or meta["adapter"], ModelConfig(name_or_path=meta["model"]))
-    data_cfg = DataConfig(path=data or meta["data"], format=meta.get("data_format", "auto"), max_length=EFFECT_MAX_LENGTH)
-    docs = load_documents(data_cfg, tokenizer, meta.get("text_field"))
-    if data is None:  # the documents after the last collected one are unseen by the SAE
-        start = store.shards[-1].next_doc
-        docs = docs[start:] if len(docs) - start >= docs_wanted else docs[-docs_wanted:]
-    return AdapterEffect(model, docs[:docs_wanted], tokenizer.pad_token_id)
+    effects: dict[str, AdapterEffect] = {}
+    for data in [None, *eval_data]:
+        path = data or meta["data"]
+        data_cfg = DataConfig(path=path, format=meta.get("data_format", "auto") if data is None else "auto", max_length=EFFECT_MAX_LENGTH)
+        docs = load_documents(data_cfg, tokenizer, meta.get("text_field") if data is None else None)
+        if path == meta["data"]:  # the documents after the last collected one are unseen by the SAE
+            start = store.shards[-1].next_doc
+            docs = docs[start:] if len(docs) - start >= docs_wanted else docs[-docs_wanted:]
+        suffix = "" if data is None else "@" + data_label(data)
+        effects[suffix] = AdapterEffect(model, docs[:docs_wanted], tokenizer.pad_token_id, skip_positions=store.skip_positions)
+
+    def evaluate(sae: SparseAutoencoder) -> dict:
+        return {key + suffix: value for suffix, effect in effects.items() for key, value in effect(sae).items()}
+
+    return evaluate
 
 
 def sae_config(cfg: SAETrainConfig, d_in: int) -> SparseAutoencoderConfig:
@@ -42,11 +66,11 @@ def train_from_store(trainer_cfg: SAETrainConfig, seed: int = 0, progress: bool 
     activations, out = trainer_cfg.activations, trainer_cfg.out
     store = ActivationStore(activations)
     cfg = sae_config(trainer_cfg, len(store.adapter_names))
-    if store.n_tokens < trainer_cfg.batch_size:
-        raise SAEError(f"{activations}: {store.n_tokens} tokens is less than one batch (--batch-size {trainer_cfg.batch_size})")
+    if store.n_kept < trainer_cfg.batch_size:
+        raise SAEError(f"{activations}: {store.n_kept} tokens is less than one batch (--batch-size {trainer_cfg.batch_size})")
     torch.manual_seed(seed)
     sae = SparseAutoencoder(cfg, seed=seed)
-    evaluate = build_effect(store, trainer_cfg.eval_data, trainer_cfg.eval_docs) if trainer_cfg.effect else None
+    evaluate = build_effects(store, trainer_cfg.eval_data, trainer_cfg.eval_docs) if trainer_cfg.effect else None
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = (out_dir / "train_log.jsonl").open("w")
@@ -55,11 +79,15 @@ def train_from_store(trainer_cfg: SAETrainConfig, seed: int = 0, progress: bool 
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
+    # A small collection is passed over several times (a new shuffle each pass) up to train_tokens.
+    per_pass = store.n_kept // trainer_cfg.batch_size
+    passes = max(1, math.ceil(trainer_cfg.train_tokens / (per_pass * trainer_cfg.batch_size)))
+    stream = itertools.chain.from_iterable(store.batches(trainer_cfg.batch_size, seed=seed + p) for p in range(passes))
     state = train_sae(
         sae,
-        store.batches(trainer_cfg.batch_size, seed=seed),
+        stream,
         trainer_cfg,
-        total_steps=store.n_tokens // trainer_cfg.batch_size,
+        total_steps=per_pass * passes,
         evaluate=evaluate,
         log=log,
         progress=progress,
@@ -72,6 +100,7 @@ def train_from_store(trainer_cfg: SAETrainConfig, seed: int = 0, progress: bool 
         "trainer": dataclasses.asdict(trainer_cfg),
         "history": state.history,
         "input_scale": float(sae.scale),
+        "passes": passes,
     }
     save_sae(sae, out_dir, metadata, extras)
     return {"out": str(out_dir), "steps": state.step, "tokens": state.tokens, "last": state.history[-1] if state.history else {}}

@@ -5,7 +5,10 @@ Loss = ‖x - x̂‖² (summed over dims, mean over tokens)
        of *dead* latents (not fired for dead_after_tokens), normalized by the residual's variance
        (Gao et al. 2024), which gives dead latents gradient and revives them
      + l1_coefficient · Σ acts·‖W_dec‖ for the relu variant.
-Adam with linear warmup; decoder rows projected to unit norm after each step.
+Adam with linear warmup (at most a tenth of the run, so a short run reaches its learning rate); decoder
+rows projected to unit norm after each step. Before the first step the input scale and b_dec are fitted
+(sae.fit_normalization) and the tied encoder is scaled so the first reconstruction is no worse than the
+mean (sae.fit_encoder_scale).
 """
 
 from __future__ import annotations
@@ -63,10 +66,13 @@ def train_sae(
     if not first:
         raise SAEError("no activations to train on (the iterator is empty or shorter than one batch)")
     sae.fit_normalization(torch.cat(first))
+    sae.fit_encoder_scale(torch.cat(first) / sae.scale)
     stream = itertools.chain(first, stream)
 
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    # Warmup is at most a tenth of the run: a short run (a small collection) must still reach its learning rate.
+    warmup = min(cfg.warmup_steps, total_steps // 10) if total_steps else cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     aux_k = min(cfg.aux_k or d_in // 2, d_sae)
     since_fired = torch.zeros(d_sae, dtype=torch.long)
     state = TrainState()

@@ -96,3 +96,15 @@ def collected(tmp_path_factory, tiny_model, tiny_adapter) -> Path:
                  "--tokens", "6000", "--out", str(out), "--shard-tokens", "1500", "--batch-docs", "8"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def random_collected(tmp_path_factory, tiny_model) -> Path:
+    """A collection made with a randomly initialised adapter (the control): activations spread over ~10 of 14 dims."""
+    from rank1.sae.cli import main
+
+    root = tmp_path_factory.mktemp("random")
+    assert main(["random-adapter", "--out", str(root / "adapter"), "--model", tiny_model, "--seed", "5"]) == 0
+    assert main(["collect", "--adapter", str(root / "adapter"), "--model", tiny_model, "--data", "arithmetic", "--max-rows", "400",
+                 "--tokens", "6000", "--out", str(root / "acts"), "--shard-tokens", "1500", "--batch-docs", "8"]) == 0
+    return root / "acts"

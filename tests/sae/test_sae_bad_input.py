@@ -60,6 +60,21 @@ def test_k_larger_than_dictionary(tmp_path, collected: Path, capsys):
     assert "flag --architecture: sae.train.architecture: 'gated' is not one of batchtopk, topk, relu" in err
 
 
+def test_bad_eval_data(tmp_path, collected: Path, capsys):
+    base = ["train", "--activations", str(collected), "--out", str(tmp_path / "sae"), "--train-tokens", "1000"]
+    err = _error(capsys, [*base, "--eval-data", str(tmp_path / "none.jsonl")])
+    assert "none.jsonl: no such data file" in err
+    err = _error(capsys, [*base, "--eval-data", "[arithmetic, arithmetic]"])
+    assert "--eval-data arithmetic, arithmetic: two data sets would log under the same name" in err
+
+
+def test_explain_refuses_an_analysis_without_window_maxima(tmp_path, capsys):
+    old = tmp_path / "old.json"  # an analysis from before random windows recorded their maxima
+    old.write_text(json.dumps({"vocab": {}, "random_pool": [], "features": [{"id": "adapter:0:+", "examples": [], "random_values": []}]}))
+    err = _error(capsys, ["explain", "--analysis", str(old), "--out", str(tmp_path / "e.json"), "--base-url", "http://127.0.0.1:9/v1", "--llm", "m"])
+    assert f"--analysis {old}: no random_window_max per feature" in err and "rerun `rank1 sae analyze`" in err
+
+
 def test_adapter_not_matching_the_model(tmp_path, tiny_adapter, model_factory, model_path, capsys):
     other = model_factory(tmp_path / "other", model_path, hidden=32)  # same layer names, other shapes
     err = _error(capsys, ["collect", "--adapter", tiny_adapter, "--model", other, "--data", "arithmetic", "--tokens", "100", "--out", str(tmp_path / "acts")])
@@ -82,7 +97,8 @@ def test_collect_refuses_to_mix_settings_and_bad_flags(tmp_path, collected: Path
 
 def test_sae_and_collection_must_agree(tmp_path, collected: Path, capsys):
     sae_dir = tmp_path / "sae"
-    assert main(["train", "--activations", str(collected), "--out", str(sae_dir), "--k", "2", "--expansion", "1", "--no-effect", "--batch-size", "512"]) == 0
+    assert main(["train", "--activations", str(collected), "--out", str(sae_dir), "--k", "2", "--expansion", "1", "--no-effect", "--batch-size", "512",
+                 "--train-tokens", "6000"]) == 0
     cfg = json.loads((sae_dir / "rank1_sae.json").read_text())
     cfg["config"]["d_in"] = 9
     (sae_dir / "rank1_sae.json").write_text(json.dumps(cfg))

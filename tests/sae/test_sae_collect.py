@@ -73,6 +73,24 @@ def test_shards_hold_consistent_tokens_and_activations(collected: Path, tiny_mod
     assert sum(len(docs[d].ids) for d in all_docs.unique().tolist()) == store.n_tokens
 
 
+def test_readers_leave_out_the_attention_sink(collected: Path):
+    """Position 0 is stored (documents stay whole) but SAE training batches never see it (skip_positions 1)."""
+    store = ActivationStore(collected)
+    assert store.meta["skip_positions"] == store.skip_positions == 1
+    positions = torch.cat([s["positions"] for _, s in store.iter_shards(("positions",))])
+    adapter = torch.cat([s["adapter"] for _, s in store.iter_shards(("adapter",))])
+    docs = torch.cat([s["doc_ids"] for _, s in store.iter_shards(("doc_ids",))]).unique()
+    assert int((positions == 0).sum()) == len(docs) > 50  # every document's first token is stored
+    assert torch.equal(store.kept_index, (positions >= 1).nonzero()[:, 0]) and store.n_kept == int((positions >= 1).sum())
+    seen = torch.cat(list(store.batches(100, seed=3, drop_last=False)))
+    assert len(seen) == store.n_kept
+    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, adapter[positions >= 1].tolist()))  # the same rows, shuffled
+    # Whole-document chunks: no document is cut between two chunks.
+    starts = [(start, chunk["doc_ids"]) for start, chunk in store.iter_chunks(("doc_ids",), 300)]
+    assert sum(len(d) for _, d in starts) == store.n_tokens and len(starts) > 5
+    assert all(a[-1] != b[0] for (_, a), (_, b) in zip(starts, starts[1:]))
+
+
 def test_random_adapter_control(tmp_path, tiny_model):
     from rank1.sae.cli import main as sae_main
 

@@ -35,6 +35,9 @@ class ChatCompletions(BaseHTTPRequestHandler):
         if "EXPLANATION:" in prompt:
             marked = re.findall(r"<<(.*?)>>\(\d", prompt)  # the examples' marked tokens, not the instructions'
             content = f"EXPLANATION: fires on the token '{marked[0] if marked else ''}'\nRATING: 4"
+        elif "Are the marked tokens" in prompt:  # fuzzing: a scripted judge, yes / no alternately
+            n = int(re.search(r"JSON list of (\d+) numbers", prompt).group(1))
+            content = json.dumps([1 - i % 2 for i in range(n)])
         else:  # detection: answer yes for every excerpt
             n = int(re.search(r"JSON list of (\d+) numbers", prompt).group(1))
             content = json.dumps([1] * n)
@@ -75,6 +78,13 @@ def analysis_file(collected: Path, tmp_path_factory) -> Path:
     return out
 
 
+def _asked(kind: str) -> list[str]:
+    """The excerpt lines of every detection or fuzzing request the server received, in order."""
+    marker = "Are the marked tokens" if kind == "fuzzing" else "would the feature be active"
+    prompts = [r["messages"][-1]["content"] for r in ChatCompletions.requests if marker in r["messages"][-1]["content"]]
+    return [re.findall(r"^\d+\. (.*)$", p, flags=re.M) for p in prompts]
+
+
 def test_explain_end_to_end(server, analysis_file: Path, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK1_TEST_KEY", API_KEY)
     out = tmp_path / "explanations.json"
@@ -83,16 +93,14 @@ def test_explain_end_to_end(server, analysis_file: Path, tmp_path, monkeypatch, 
     result = json.loads(out.read_text())
     explained = result["explanations"]
     assert [e["id"] for e in explained] == ["adapter:0:+", "adapter:1:+", "adapter:2:+", "neuron:0:+", "neuron:1:+", "neuron:2:+"]
-    data = json.loads(analysis_file.read_text())
-    feats = {f["id"]: f for f in data["features"]}
+    asked = 0
     for e in explained:
-        f = feats[e["id"]]
-        positives = len(f["examples"][1::2][:4])
-        negatives = min(positives, sum(v == 0 for v in f["random_values"]))
         assert e["self_rating"] == 4 and e["explanation"].startswith("fires on the token")
-        # The server says yes to everything: accuracy is exactly the share of positives.
-        assert e["detection_accuracy"] == pytest.approx(positives / (positives + negatives))
-    assert len(ChatCompletions.requests) == 2 * len(explained)
+        # The detection judge says yes to everything: balanced accuracy is exactly chance.
+        assert e["detection_accuracy"] is None or e["detection_accuracy"] == 0.5
+        asked += 1 + bool(e["detection"]) + bool(e["fuzzing"])
+    assert any(e["detection"] for e in explained) and any(e["fuzzing"] for e in explained)
+    assert len(ChatCompletions.requests) == asked
     assert ChatCompletions.requests[0]["model"] == "test-model"
     shown = ChatCompletions.requests[0]["messages"][-1]["content"]
     assert "<<" in shown  # the activating tokens are marked for the explainer
@@ -102,10 +110,84 @@ def test_explain_end_to_end(server, analysis_file: Path, tmp_path, monkeypatch, 
     report = tmp_path / "report"
     assert main(["report", "--analysis", str(analysis_file), "--explanations", str(out), "--out", str(report)]) == 0
     page = (report / "index.html").read_text()
-    assert "fires on the token" in page and API_KEY not in page
+    assert "fires on the token" in page and API_KEY not in page and "fuzzing accuracy" in page
     assert (report / "comparison.png").is_file()
     rows = json.loads((report / "comparison.json").read_text())
     assert {r["source"] for r in rows} == {"adapter", "neuron"} and all(r["explained"] == 3 for r in rows)
+
+
+def _feature_values(store, fid: str):
+    """A feature's values on every stored token, computed from the shards (sink positions read as 0)."""
+    import torch
+
+    source, index, sign = fid.split(":")
+    field = "adapter" if source == "adapter" else "neurons"
+    rows = torch.cat([s[field] for _, s in store.iter_shards((field,))])[:, int(index)]
+    kept = torch.cat([s["positions"] for _, s in store.iter_shards(("positions",))]) >= store.skip_positions
+    return (rows if sign == "+" else -rows).relu() * kept
+
+
+def test_scorer_negatives_are_silent_and_documents_do_not_leak(server, analysis_file: Path, collected: Path, tmp_path, monkeypatch):
+    import torch
+
+    from rank1.sae.store import ActivationStore
+
+    monkeypatch.setenv("RANK1_TEST_KEY", API_KEY)
+    out = tmp_path / "explanations.json"
+    assert main(["explain", "--analysis", str(analysis_file), "--out", str(out), "--base-url", server, "--llm", "m",
+                 "--api-key-env", "RANK1_TEST_KEY", "--n-explain", "3", "--n-score", "4"]) == 0
+    explained = json.loads(out.read_text())["explanations"]
+    data = json.loads(analysis_file.read_text())
+    store = ActivationStore(collected)
+    docs = torch.cat([s["doc_ids"] for _, s in store.iter_shards(("doc_ids",))])
+    pool = {e["index"]: e for e in data["random_pool"]}
+    negatives = 0
+    for e in explained:
+        scored = [t["doc"] for t in e["detection"] + e["fuzzing"]]
+        assert not set(e["explain_docs"]) & set(scored), e["id"]  # no document on both sides
+        assert len(set(e["explain_docs"])) == len(e["explain_docs"])  # one example per document
+        values = _feature_values(store, e["id"])
+        for trial in e["detection"]:
+            if trial["label"] == 0:  # every token of the window (±4 in the same document) is silent
+                c = trial["index"]
+                window = torch.arange(max(0, c - 4), min(len(docs), c + 5))
+                window = window[docs[window] == docs[c]]
+                assert trial["index"] in pool and float(values[window].max()) == 0.0, (e["id"], c)
+                negatives += 1
+            else:
+                assert float(values[trial["index"]]) > 0
+    assert negatives >= 20  # the check above ran on real negatives
+
+
+def test_fuzzing_score_against_a_scripted_judge(server, analysis_file: Path, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK1_TEST_KEY", API_KEY)
+    out = tmp_path / "explanations.json"
+    assert main(["explain", "--analysis", str(analysis_file), "--out", str(out), "--base-url", server, "--llm", "m",
+                 "--api-key-env", "RANK1_TEST_KEY", "--max-features", "4", "--n-explain", "2", "--n-score", "6"]) == 0
+    explained = [e for e in json.loads(out.read_text())["explanations"] if e["fuzzing"]]
+    data = json.loads(analysis_file.read_text())
+    examples = {(f["id"], x["index"]): x for f in data["features"] for x in f["examples"]}
+    asked = iter(_asked("fuzzing"))
+    assert len(explained) >= 4
+    for e in explained:
+        lines = next(asked)
+        assert len(lines) == len(e["fuzzing"])
+        for line, trial in zip(lines, e["fuzzing"]):
+            values = examples[(e["id"], trial["index"])]["values"]
+            peak = max(values)
+            active = [i for i, v in enumerate(values) if v > 0 and v >= 0.3 * peak]
+            if trial["label"] == 1:
+                assert trial["marked"] == active
+            else:
+                assert len(trial["marked"]) == len(active) and not set(trial["marked"]) & set(active)
+            assert line.count("<<") == len(trial["marked"]) and not re.search(r">>\(\d+\.\d\d\)", line)  # no values shown
+        # The judge answered 1, 0, 1, 0, ... in prompt order; the score is the balanced accuracy of that.
+        answers = [1 - i % 2 for i in range(len(e["fuzzing"]))]
+        labels = [t["label"] for t in e["fuzzing"]]
+        assert [t["prediction"] for t in e["fuzzing"]] == answers
+        recall = lambda y: sum(a == y for a, l in zip(answers, labels) if l == y) / labels.count(y)  # noqa: E731, E741
+        assert e["fuzzing_accuracy"] == pytest.approx((recall(1) + recall(0)) / 2)
+        assert labels.count(1) - labels.count(0) in (0, 1)  # half correctly marked, half at random
 
 
 def test_explain_reports_endpoint_errors(server, analysis_file: Path, tmp_path, monkeypatch, capsys):

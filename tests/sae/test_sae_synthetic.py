@@ -36,19 +36,28 @@ def test_sae_recovers_known_dictionary(architecture):
     assert {"fvu", "l0", "dead_fraction", "step", "tokens"} <= logged.keys()
 
 
+def _mostly_dead(seed: int) -> SparseAutoencoder:
+    """128 latents for 64 atoms, 96 of them dead: their encoder columns are shrunk 100x, so their pre-activations
+    are small, of both signs, and never win the top-k (dead latents as training leaves them, not pushed below 0).
+    The 32 live ones cannot cover the 64 atoms, so reviving the others is what lowers the FVU."""
+    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=32, d_sae=128, k=3), seed=seed)
+    with torch.no_grad():
+        sae.W_enc[:, 32:] *= 0.01
+    return sae
+
+
 def test_auxk_revives_dead_latents():
     x, _ = synthetic(n=60_000)
-    sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=32, d_sae=256, k=3))
-    with torch.no_grad():  # kill half the latents: their encoders point away from all data
-        sae.b_enc[128:] = -5.0
     common = dict(lr=3e-3, warmup_steps=10, log_every=10, dead_after_tokens=2048)
-    revived = train_sae(sae, (x[i : i + 512] for i in range(0, len(x) - 511, 512)), SAETrainConfig(aux_coefficient=1 / 32, **common), progress=False)
-    sae2 = SparseAutoencoder(SparseAutoencoderConfig(d_in=32, d_sae=256, k=3))
-    with torch.no_grad():
-        sae2.b_enc[128:] = -5.0
-    dead = train_sae(sae2, (x[i : i + 512] for i in range(0, len(x) - 511, 512)), SAETrainConfig(aux_coefficient=0.0, **common), progress=False)
-    assert dead.history[-1]["dead_fraction"] >= 0.45
+    batches = lambda: (x[i : i + 512] for i in range(0, len(x) - 511, 512))  # noqa: E731
+    revived_sae, dead_sae = _mostly_dead(0), _mostly_dead(0)
+    revived = train_sae(revived_sae, batches(), SAETrainConfig(aux_coefficient=1 / 32, **common), progress=False)
+    dead = train_sae(dead_sae, batches(), SAETrainConfig(aux_coefficient=0.0, **common), progress=False)
+    assert dead.history[-1]["dead_fraction"] >= 0.74  # without AuxK nothing brings them back
+    assert not (dead_sae.encode(x[:8192]) > 0).any(0)[32:].any()
     assert revived.history[-1]["dead_fraction"] < dead.history[-1]["dead_fraction"] - 0.2
+    assert (revived_sae.encode(x[:8192]) > 0).any(0)[32:].float().mean() > 0.2
+    assert revived.history[-1]["fvu"] < dead.history[-1]["fvu"] - 0.1  # the revived latents reconstruct atoms
 
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "topk"])
@@ -57,13 +66,13 @@ def test_sparse_step_gradients_equal_autograd(architecture):
 
     torch.manual_seed(0)
     sae = SparseAutoencoder(SparseAutoencoderConfig(d_in=12, d_sae=40, k=3, architecture=architecture), seed=1)
-    with torch.no_grad():
-        sae.b_dec.normal_()
-        sae.b_enc.normal_(0, 0.1)
     x = torch.randn(32, 12)
     dead = torch.zeros(40, dtype=torch.bool)
     dead[::3] = True
     with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_enc[dead] -= 1.5  # some of the top aux_k dead pre-activations are negative: AuxK's ReLU zeroes them
         pre = sae.pre_acts(x)
     flat = batch_topk_pairs(pre, 3 * 32, None)[0] if architecture == "batchtopk" else row_topk_pairs(pre, 3)
     step = sparse_step(sae, x, pre, flat, dead, aux_k=5, aux_coefficient=0.25)
@@ -79,8 +88,9 @@ def test_sparse_step_gradients_equal_autograd(architecture):
     mse = ((x_hat - x) ** 2).sum(-1).mean()
     residual = (x - x_hat).detach()
     chosen = pre.detach().masked_fill(~dead, -float("inf")).topk(5, dim=-1).indices
-    aux_acts = torch.zeros_like(pre).scatter(-1, chosen, pre.gather(-1, chosen))
+    aux_acts = torch.zeros_like(pre).scatter(-1, chosen, pre.gather(-1, chosen).relu())  # ReLU (Gao et al. 2024)
     aux = (((aux_acts @ sae.W_dec) - residual) ** 2).sum(-1).mean() / ((residual - residual.mean(0)) ** 2).sum(-1).mean()
+    assert (pre.gather(-1, chosen) < 0).any() and (pre.gather(-1, chosen) > 0).any()
     (mse + 0.25 * aux).backward()
     torch.testing.assert_close(step.mse, mse.detach())
     torch.testing.assert_close(step.aux, aux.detach())

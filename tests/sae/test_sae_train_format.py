@@ -14,29 +14,61 @@ from rank1.sae.saelens_format import load_sae
 from rank1.sae.store import ActivationStore
 
 
+OTHER_TEXT = ["The river flows north through the old town before it reaches the sea.",
+              "She painted the fence blue, then sat down to read a long letter from her brother.",
+              "Most birds in this valley leave in autumn and come back when the snow melts."]
+
+
 @pytest.fixture(scope="module")
 def trained(collected: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sae") / "sae"
-    code = main(["train", "--activations", str(collected), "--out", str(out), "--k", "4", "--expansion", "4",
+    root = tmp_path_factory.mktemp("sae")
+    other = root / "other" / "prose.jsonl"  # text unlike the arithmetic the adapter and the collection saw: key '@other-prose'
+    other.parent.mkdir()
+    other.write_text("".join(json.dumps({"text": t}) + "\n" for t in OTHER_TEXT * 3))
+    code = main(["train", "--activations", str(collected), "--out", str(root / "sae"), "--k", "4", "--expansion", "4",
                  "--batch-size", "128", "--lr", "3e-3", "--warmup-steps", "5", "--log-every", "8",
-                 "--dead-after-tokens", "2000", "--eval-docs", "8"])
+                 "--dead-after-tokens", "2000", "--eval-docs", "8", "--train-tokens", "20000", "--eval-data", str(other)])
     assert code == 0
-    return out
+    return root / "sae"
 
 
 def test_training_log_has_metrics_and_adapter_effect(trained: Path):
     records = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
-    assert len(records) >= 4
+    assert len(records) >= 12  # several passes over the ~6k-token collection up to --train-tokens
     last = records[-1]
-    for key in ("fvu", "l0", "dead_fraction", "effect_recovered", "loss_base", "loss_adapter", "loss_spliced", "heldout_fvu"):
-        assert key in last, key
-    assert last["loss_base"] != last["loss_adapter"]
-    assert last["fvu"] < records[0]["fvu"]  # it learns
+    assert {"fvu", "l0", "dead_fraction"} <= last.keys()
+    for key in ("effect_recovered", "loss_base", "loss_adapter", "loss_spliced", "heldout_fvu", "heldout_l0"):
+        assert key in last and key + "@other-prose" in last, key
+    # The trend, not one step: the last third of the log is far below the first record and below the mean's
+    # FVU of 1, with no late blow-up, on the training batches and on held-out documents alike.
+    late = records[-(len(records) // 3) :]
+    for key in ("fvu", "heldout_fvu"):
+        first = records[0][key]
+        assert max(r[key] for r in late) < min(1.0, 0.5 * first), (key, [round(r[key], 3) for r in records])
     assert 0 < last["l0"] <= 4 + 1e-6
-    # A good reconstruction keeps most of the effect; the formula is checked against the logged losses.
-    expected = (last["loss_base"] - last["loss_spliced"]) / (last["loss_base"] - last["loss_adapter"])
-    assert last["effect_recovered"] == pytest.approx(expected)
+    # The effect on the collection's own data (past what it collected) and on other text, each checked
+    # against its logged losses; a good reconstruction keeps most of the effect on the adapter's own data.
+    for suffix in ("", "@other-prose"):
+        assert last["loss_base" + suffix] != last["loss_adapter" + suffix]
+        expected = (last["loss_base" + suffix] - last["loss_spliced" + suffix]) / (last["loss_base" + suffix] - last["loss_adapter" + suffix])
+        assert last["effect_recovered" + suffix] == pytest.approx(expected)
+    assert last["loss_base"] != last["loss_base@other-prose"]  # two different sets of documents
     assert last["effect_recovered"] > 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_trend_on_a_random_adapter_collection(random_collected: Path, tmp_path, seed):
+    """Activations spread over many dims (a random adapter's), with dead latents revived by AuxK along the way."""
+    out = tmp_path / "sae"
+    assert main(["train", "--activations", str(random_collected), "--out", str(out), "--k", "4", "--expansion", "4",
+                 "--batch-size", "128", "--lr", "3e-3", "--warmup-steps", "5", "--log-every", "8", "--dead-after-tokens", "2000",
+                 "--train-tokens", "40000", "--no-effect", "--seed", str(seed)]) == 0
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    late = records[-(len(records) // 3) :]
+    fvu = [round(r["fvu"], 3) for r in records]
+    assert len(records) >= 30 and records[0]["fvu"] < 1.0, fvu  # the first reconstruction already beats the mean
+    assert max(r["fvu"] for r in late) < min(0.15, 0.5 * records[0]["fvu"]), fvu
+    assert max(r["dead_fraction"] for r in late) < 0.5
 
 
 def test_saved_format_matches_saelens_field_by_field(trained: Path, collected: Path):
@@ -72,7 +104,7 @@ def test_saelens_loads_the_saved_sae(trained: Path, collected: Path):
 def test_other_architectures_save_and_load(collected: Path, tmp_path, architecture, saelens_name):
     out = tmp_path / architecture
     assert main(["train", "--activations", str(collected), "--out", str(out), "--architecture", architecture, "--k", "4",
-                 "--expansion", "2", "--batch-size", "256", "--log-every", "100", "--no-effect"]) == 0
+                 "--expansion", "2", "--batch-size", "256", "--log-every", "100", "--no-effect", "--train-tokens", "6000"]) == 0
     ours, _ = load_sae(out)
     x = ActivationStore(collected).load_shard(0)["adapter"][:200]
     sae_lens = pytest.importorskip("sae_lens")
