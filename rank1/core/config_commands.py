@@ -222,6 +222,9 @@ class StudyConfig:
     # A published full fine-tune's accuracy per eval set, NAME=ACCURACY (e.g. math500=0.93 for s1-32B), for the
     # recovery of a study that trains no full-sft arm (a 32B full fine-tune is not rank1's business)
     full_reference: list[str] = knob([])
+    # interpretability: activations collected per adapter (SFT, GRPO, the random control) on the training data
+    collect_tokens: int = knob(50_000, gt=0)
+    other_text: str | None = None  # a data set (file or name) that is not the adapter's: its SAE effect recovered is reported too
 
     def reference_for(self, data: str) -> float | None:
         for item in self.full_reference:

@@ -61,6 +61,7 @@ def arithmetic_rows(n: int, seed: int = 1234) -> list[dict]:
     return rows
 
 
+HELDOUT_DATA = "arithmetic-heldout"  # data.path of the held-out problems (SAE effect and ablation text)
 HELDOUT_SEED = 4321  # the held-out arithmetic problems: another generator seed
 HELDOUT_EXCLUDES = 10_000  # ... minus every question of the first 10,000 training rows (any data.arithmetic_rows up to that)
 
@@ -89,6 +90,8 @@ def read_rows(cfg: DataConfig) -> tuple[list[dict], str]:
     """Return (rows, source name). Local files are parsed here so errors can name file and line."""
     if cfg.path == EMBEDDED_DATA:
         rows, source = arithmetic_rows(cfg.arithmetic_rows), "arithmetic (embedded)"
+    elif cfg.path == HELDOUT_DATA:  # the held-out problems `rank1 eval --data arithmetic` scores, as documents
+        rows, source = heldout_arithmetic_rows(1000, cfg.arithmetic_rows), "arithmetic (held out)"
     else:
         path = Path(cfg.path).expanduser()
         if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from rank1.sae.cli import main
+from rank1_testing import IMAGES_LOADED, PAGE_TEXT, HeadlessChromium
 from rank1.sae.saelens_format import load_sae
 from rank1.sae.store import ActivationStore
 
@@ -73,87 +68,22 @@ def test_analysis_matches_brute_force(analysis):
     assert any(0 < f["random_window_max"].count(0) < 60 for f in data["features"])  # some windows are negatives, not all
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _open_in_chromium(ws_url: str, page_url: str) -> tuple[list[str], str]:
-    """Navigate with the DevTools protocol; return console errors/exceptions and the page's text."""
-    import websockets
-
-    errors: list[str] = []
-    async with websockets.connect(ws_url, max_size=50 * 2**20) as ws:
-        counter = 0
-
-        async def call(method: str, params: dict | None = None) -> dict:
-            nonlocal counter
-            counter += 1
-            my_id = counter
-            await ws.send(json.dumps({"id": my_id, "method": method, "params": params or {}}))
-            while True:
-                message = json.loads(await asyncio.wait_for(ws.recv(), timeout=30))
-                if message.get("method") == "Runtime.exceptionThrown":
-                    details = message["params"]["exceptionDetails"]
-                    errors.append(details.get("exception", {}).get("description") or details["text"])
-                elif message.get("method") == "Runtime.consoleAPICalled" and message["params"]["type"] in ("error", "assert"):
-                    errors.append(json.dumps(message["params"]["args"])[:300])
-                elif message.get("method") == "Log.entryAdded" and message["params"]["entry"]["level"] == "error":
-                    errors.append(message["params"]["entry"]["text"][:300])
-                elif message.get("id") == my_id:
-                    return message.get("result", {})
-
-        await call("Runtime.enable")
-        await call("Log.enable")
-        await call("Page.enable")
-        await call("Page.navigate", {"url": page_url})
-        for _ in range(50):
-            state = await call("Runtime.evaluate", {"expression": "document.readyState", "returnByValue": True})
-            if state["result"]["value"] == "complete":
-                break
-            await asyncio.sleep(0.1)
-        text = await call("Runtime.evaluate", {"expression": "document.body.innerText", "returnByValue": True})
-        # Use the page as a person would: filter to SAE latents.
-        await call("Runtime.evaluate", {"expression": "var s=document.getElementById('source-filter'); s.value='latent'; s.dispatchEvent(new Event('change'))"})
-        visible = await call("Runtime.evaluate", {"expression": "Array.from(document.querySelectorAll('.feature')).filter(c => c.style.display !== 'none').map(c => c.dataset.source).join(',')", "returnByValue": True})
-        images = await call("Runtime.evaluate", {"expression": "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)", "returnByValue": True})
-    return errors, text["result"]["value"], visible["result"]["value"], images["result"]["value"]
-
-
 def test_dashboard_opens_in_headless_chromium(analysis, tmp_path):
     path, _, _ = analysis
     out = tmp_path / "dashboard"
     assert main(["report", "--analysis", str(path), "--out", str(out)]) == 0
     assert (out / "index.html").is_file() and (out / "density.png").stat().st_size > 1000
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium chromium-driver)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}",
-         "--remote-debugging-address=127.0.0.1", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        ws_url = None
-        for _ in range(100):
-            try:
-                targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2).read())
-                ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-                break
-            except (OSError, StopIteration, ValueError):
-                time.sleep(0.2)
-        assert ws_url, "chromium did not open its DevTools endpoint"
-        errors, text, visible, images_ok = asyncio.run(_open_in_chromium(ws_url, (out / "index.html").as_uri()))
+    with HeadlessChromium(tmp_path / "profile") as chromium:
+        # Use the page as a person would: filter to SAE latents.
+        errors, (text, _, visible, images_ok) = chromium.open(out / "index.html", [
+            PAGE_TEXT,
+            "var s=document.getElementById('source-filter'); s.value='latent'; s.dispatchEvent(new Event('change'))",
+            "Array.from(document.querySelectorAll('.feature')).filter(c => c.style.display !== 'none').map(c => c.dataset.source).join(',')",
+            IMAGES_LOADED])
         # The error check itself works: a page with a broken script is reported.
         broken = tmp_path / "broken.html"
         broken.write_text("<!DOCTYPE html><html><body><select id='source-filter'></select><script>no_such_function()</script></body></html>")
-        broken_errors = asyncio.run(_open_in_chromium(ws_url, broken.as_uri()))[0]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        broken_errors, _ = chromium.open(broken)
     assert errors == []
     assert any("no_such_function" in e for e in broken_errors), broken_errors
     data = json.loads(path.read_text())

@@ -41,18 +41,23 @@ def main(argv: list[str]) -> int:
     argv = argv[1:] if accuracy_only else argv
     cfg = parse_command(STUDY, argv)  # every flag checked here, before any arm starts
     _, forwarded = split_flags(argv)
-    from rank1.driver.study.arms import PREEMPTED, Preempted
+    from rank1.driver.study.arms import PREEMPTED, Preempted, StudySignals
 
     try:
-        if "accuracy" in cfg.study.stages or accuracy_only:
-            from rank1.driver.study.accuracy import run_accuracy
-
-            run_accuracy(cfg, forwarded)
-        if not accuracy_only and "interpretability" in cfg.study.stages:
-            from rank1.driver.study.interpretability import run_interpretability
-
-            run_interpretability(cfg, forwarded)
+        with StudySignals():
+            run_stages(cfg, forwarded, accuracy_only)
     except Preempted as e:
         print(f"rank1 study: {e}; rerun the same command to continue", file=sys.stderr)
         return PREEMPTED
     return 0
+
+
+def run_stages(cfg, forwarded: list[str], accuracy_only: bool) -> None:
+    if "accuracy" in cfg.study.stages or accuracy_only:
+        from rank1.driver.study.accuracy import run_accuracy
+
+        run_accuracy(cfg, forwarded)
+    if not accuracy_only and "interpretability" in cfg.study.stages:
+        from rank1.driver.study.interpretability import run_interpretability
+
+        run_interpretability(cfg, forwarded)

@@ -100,10 +100,13 @@ def summarize(arms: dict[str, dict], cfg: Config) -> dict:
             for name, correct in per.items():
                 if name != "base":
                     entry["gain_over_base"][name] = gain(per["base"], correct).as_dict()
-            if "full-sft" in per:
+            full = per.get("full-sft", cfg.study.reference_for(data))  # a published full fine-tune where the study trains none
+            if full is not None:
                 for name, correct in per.items():
                     if name not in ("base", "full-sft"):
-                        entry["recovery"][name] = recovery(per["base"], correct, per["full-sft"]).as_dict()
+                        entry["recovery"][name] = recovery(per["base"], correct, full).as_dict()
+                if "full-sft" not in per:
+                    entry["recovery_reference"] = full
         for name, a in arms.items():
             if a["kind"] == "grpo":
                 after = name.replace("-grpo", "-sft")

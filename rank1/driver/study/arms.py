@@ -88,19 +88,41 @@ class Preempted(Exception):
     pass
 
 
+class StudySignals:
+    """SIGTERM/SIGINT during a study: passed on to the running child (which checkpoints), and no new child starts."""
+
+    child: subprocess.Popen | None = None
+    requested = False
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        StudySignals.requested = True
+        if StudySignals.child is not None:
+            StudySignals.child.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        StudySignals.requested, StudySignals.child = False, None
+
+
 def run_child(args: list[str], log_file: Path) -> float:
-    """`rank1 ARGS` in a child process (its output to log_file); seconds taken. SIGTERM is passed on to it."""
+    """`rank1 ARGS` in a child process (its output to log_file); seconds taken. See StudySignals."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if StudySignals.requested:
+        raise Preempted("stopped on SIGTERM before the next step")
     began = time.perf_counter()
     with open(log_file, "a") as out:
-        child = subprocess.Popen([sys.executable, "-m", "rank1.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                 preexec_fn=_die_with_parent)
-        previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+        StudySignals.child = subprocess.Popen([sys.executable, "-m", "rank1.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                              env=env, preexec_fn=_die_with_parent)
         try:
-            code = child.wait()
+            code = StudySignals.child.wait()
         finally:
-            signal.signal(signal.SIGTERM, previous)
-    if code == PREEMPTED or code == -signal.SIGTERM:
+            StudySignals.child = None
+    if code == PREEMPTED or code == -signal.SIGTERM or StudySignals.requested:
         raise Preempted(f"rank1 {args[0]} stopped on SIGTERM ({log_file})")
     if code != 0:
         tail = log_file.read_text()[-2500:]
