@@ -247,7 +247,7 @@ KEY_ALIASES = {
 
 
 SFT_LR = 1e-3  # rank-1 SFT on the embedded task (the and the paper's recipe scale)
-GRPO_LR = 1e-4  # rank-1 GRPO: SFT's 1e-3 collapses the policy (measured, see README Results)
+GRPO_LR = 3e-5  # rank-1 GRPO: SFT's 1e-3 collapses the policy; of 3e-5, 1e-4, 3e-4 from the SFT adapter, 3e-5 kept held-out accuracy best (README Results)
 BOXED_INSTRUCTION = "Give only the final answer, in the form \\boxed{ANSWER}."
 # What each objective implies for the fields left to it (a table of facts, not a switch): its learning
 # rate, and whether its runs append grpo.instruction to the questions (so an adapter continued from such
