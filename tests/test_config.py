@@ -110,7 +110,8 @@ def test_yaml_errors_name_the_file(tmp_path):
 def test_every_section_is_in_the_tree():
     assert set(to_dict(Config())) == {"model", "adapter", "data", "trainer", "rollout", "grpo", "rewards", "eval", "cluster", "logging",
                                       "export", "generate", "grade", "plan", "sweep", "study", "sae", "seed"}
-    assert set(to_dict(Config())["sae"]) == {"collect", "train", "analyze", "explain", "report", "random_adapter"}
+    assert set(to_dict(Config())["sae"]) == {"collect", "train", "analyze", "explain", "concepts", "compare", "ablate",
+                                             "report", "random_adapter"}
 
 
 def test_old_spellings_are_aliases():

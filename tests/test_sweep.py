@@ -112,10 +112,20 @@ def test_each_swept_adapter_equals_its_solo_run_and_a_killed_sweep_resumes(tmp_p
     proc.wait()
     resumed = run_rank1("sweep", *sharded, "--output-dir", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Against the 1-learner sweep the only difference is the 2-rank reduction's summation order, which Adam's
+    # near-sign first steps amplify to up to ~lr on elements whose gradient is near 0 (CI saw 7e-4 at lr 1e-3):
+    # the same bounds as sweep vs solo. A resume that lost or repeated anything (optimizer moments, data
+    # position, a step) moves the step-3/4 losses by far more than 1e-5 and the adapter by ~lr on every element.
     for run in runs:
         a, b = adapter(run), load_file(str(killed / run.name / "adapter" / "adapter_model.safetensors"))
         assert sum(t.numel() for t in b.values()) == 305_280  # gathered from both shards
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, run.name
+        rows = [json.loads(line) for line in (killed / run.name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4], run.name  # no gap, no duplicate across the kill
+        sweep_losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["loss"] for r in rows] == pytest.approx(sweep_losses, rel=1e-5), run.name
+        diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+        moved = torch.sqrt(sum((a[k] ** 2).sum() for k in a if "lora_B" in k))
+        assert diff < 1e-3 * moved, (run.name, float(diff), float(moved))
 
 
 @pytest.mark.parametrize("flags, message", [
