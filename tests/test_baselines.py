@@ -31,6 +31,7 @@ def test_rank_r_trains_r_times_in_plus_out_per_module_and_nothing_of_the_base(mo
     assert sum(trainable.values()) == r * sum(i + o for i, o in shapes.values())
 
 
+@pytest.mark.slow
 def test_a_rank_8_run_writes_a_rank_8_adapter(tmp_path):
     out = tmp_path / "r8"
     result = run_rank1("train", *SMALL, "--adapter.r", "8", "--eval.in_training", "false", "--output-dir", str(out))

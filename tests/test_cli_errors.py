@@ -36,6 +36,7 @@ def test_bad_input_fails_cleanly(tmp_path, make_args, message):
     assert not out.exists(), "a failed start must not leave a run directory"
 
 
+@pytest.mark.slow
 def test_generate_and_config_show(tmp_path, model_path):
     shown = run_rank1("config", "show", "--objective", "sft", "--trainer.lr", "3e-3", "--output-dir", "o")
     assert shown.returncode == 0 and "lr: 0.003" in shown.stdout and "objective: sft" in shown.stdout
@@ -43,6 +44,7 @@ def test_generate_and_config_show(tmp_path, model_path):
     assert missing.returncode == 2 and "no adapter_config.json" in missing.stderr
 
 
+@pytest.mark.slow
 def test_adapter_of_another_model_is_refused(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -58,6 +60,7 @@ def test_adapter_of_another_model_is_refused(tmp_path):
     assert result.returncode == 2 and "does not fit base model smollm2-135m-instruct" in result.stderr
 
 
+@pytest.mark.slow
 def test_push_without_token_fails_before_any_work(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored login either

@@ -30,6 +30,7 @@ def test_named_benchmarks_load_from_the_data_dir(monkeypatch):
     assert amc[0]["gold"] == "27"  # 27.0 in the file
 
 
+@pytest.mark.slow
 def test_bad_eval_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"}\n')

@@ -40,6 +40,7 @@ def test_smollm2_has_210_adapters_and_in_plus_out_parameters(model_path):
     assert count_adapters_from_config(model_path, cfg).parameters == count.parameters
 
 
+@pytest.mark.slow
 def test_qwen_32b_counts_from_config_alone():
     result = run_rank1("adapters", "--model", "Qwen/Qwen2.5-32B-Instruct")
     assert result.returncode == 0, result.stderr

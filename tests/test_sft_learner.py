@@ -15,6 +15,8 @@ from rank1.core.data import load_sft_data
 from rank1.trainer.learner import Learner, Placement
 from rank1.trainer.sft import SFTObjective
 
+pytestmark = pytest.mark.slow  # trains in a module fixture: the fast tier leaves it out
+
 STEPS = 12
 
 

@@ -84,6 +84,7 @@ def test_kill_then_resume_is_bit_identical(tmp_path):
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_is_refused(tmp_path):
     result = run_rank1("train", *SMALL, "--output-dir", str(tmp_path / "empty"), "--resume")
     assert result.returncode != 0 and "no complete checkpoint" in result.stderr

@@ -46,6 +46,7 @@ def test_shape_of_qwen_32b(shape):
     assert shape.largest_module == 152064 * 5120  # lm_head (untied) is bigger than a decoder layer
 
 
+@pytest.mark.slow
 def test_32b_sft_fits_8x_h200_per_gpu(shape):
     proc = run_plan(SFT_RECIPE, "--gpu", "h200")
     assert proc.returncode == 0, proc.stderr
@@ -99,6 +100,7 @@ def test_zero0_on_l40s_is_refused(capsys):
     assert over == pytest.approx(row_gb(captured.out, "total per device") - 48, abs=0.1)
 
 
+@pytest.mark.slow
 def test_refusal_exits_nonzero_from_the_command_line():
     proc = run_plan(SFT_RECIPE, "--device-memory-gb", "24")
     assert proc.returncode == 1

@@ -22,6 +22,7 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_grade_writes_reward_extracted_status_and_a_summary(tmp_path):
     rows = [
         {"id": 1, "gold": r"\left( 3, \frac{\pi}{2} \right)", "completion": r"so \boxed{(3, \frac{\pi}{2})}"},

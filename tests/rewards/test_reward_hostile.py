@@ -95,6 +95,7 @@ def test_hostile_answer_scores_0_with_its_status_within_timeout(hostile_grader, 
         assert restarts == 0 and result.components == {"math": 0.0}
 
 
+@pytest.mark.slow
 def test_deeply_nested_fractions_are_read_without_crashing_the_grader():
     """300 and 1000 levels overflow latex2sympy's recursion; math-verify recovers and the answer scores 0.
 

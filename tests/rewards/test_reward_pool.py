@@ -62,6 +62,7 @@ def test_pool_uses_a_caller_started_ray_and_leaves_it_running(ray_session):
     assert ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_actor_killed_by_os_kill_mid_batch_loses_no_sample(ray_session, tmp_path):
     marker = tmp_path / "killed"
     cfg = RewardsConfig(num_workers=2, timeout_s=10.0, functions=["user_rewards:kill_actor_once"])
@@ -74,6 +75,7 @@ def test_actor_killed_by_os_kill_mid_batch_loses_no_sample(ray_session, tmp_path
         assert len(set(p.pids()) - set(pids_before)) == 1  # Ray restarted exactly one actor
 
 
+@pytest.mark.slow
 def test_actor_killed_by_ray_kill_mid_batch_loses_no_sample(ray_session):
     cfg = RewardsConfig(num_workers=2, timeout_s=10.0, functions=["user_rewards:naps"])  # 0.1 s a pair
     with RewardPool(cfg) as p:

@@ -80,6 +80,7 @@ def test_killed_engine_is_restarted_and_its_batch_retried(model_path, learner, r
         group.shutdown()
 
 
+@pytest.mark.slow
 def test_engine_that_cannot_restart_gives_a_clear_error(model_path, ray_session):
     group = EngineGroup("transformers", model_path, num_engines=1, max_restarts=0)
     try:

@@ -51,6 +51,7 @@ def test_receipt_of_a_stale_engine_is_rejected(engine, learner):
         check_receipts([stale], 11, adapter_digest(new_tensors), None, ATOL)
 
 
+@pytest.mark.slow
 def test_batched_generation_left_padding(engine, learner):
     learner.randomize(seed=5)
     tensors, config = learner.adapter()

@@ -37,6 +37,7 @@ def check_each_answer_comes_from_its_own_adapter(load, generate, score, learner)
         assert max_diff(c.logprobs, mine) < ATOL and max_diff(c.logprobs, theirs) > 10 * ATOL
 
 
+@pytest.mark.slow
 def test_transformers_engine_serves_two_adapters(model_path, learner):
     from rank1.rollout.hf_engine import HFEngine
 

@@ -13,6 +13,8 @@ from rank1_testing import IMAGES_LOADED, PAGE_TEXT, HeadlessChromium
 from rank1.sae.saelens_format import load_sae
 from rank1.sae.store import ActivationStore
 
+pytestmark = pytest.mark.slow  # trains in a module fixture: the fast tier leaves it out
+
 
 @pytest.fixture(scope="module")
 def analysis(collected: Path, tmp_path_factory) -> tuple[Path, Path, Path]:

@@ -13,6 +13,8 @@ from rank1.sae.cli import main
 from rank1.sae.saelens_format import load_sae
 from rank1.sae.store import ActivationStore
 
+pytestmark = pytest.mark.slow  # trains in a module fixture: the fast tier leaves it out
+
 
 OTHER_TEXT = ["The river flows north through the old town before it reaches the sea.",
               "She painted the fence blue, then sat down to read a long letter from her brother.",
