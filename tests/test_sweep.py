@@ -26,6 +26,22 @@ def adapter(folder: Path) -> dict:
     return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
 
 
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training_up_to_reassociation(run: Path, reference: Path) -> None:
+    """The same losses step by step (summation order is the only difference: 1e-7 at step 1, growing as
+    training amplifies it), and adapters within 1e-3 of what training moved them: Adam's first steps are
+    near sign(gradient), so an element whose gradient is near 0 turns float noise into up to ~lr."""
+    assert [r["loss"] for r in metrics(run)] == pytest.approx([r["loss"] for r in metrics(reference)], rel=1e-5), run.name
+    a, b = adapter(run), adapter(reference)
+    assert a.keys() == b.keys()
+    diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+    moved = torch.sqrt(sum((b[k] ** 2).sum() for k in b if "lora_B" in k))  # B starts at 0
+    assert diff < 1e-3 * moved, (run.name, float(diff), float(moved))
+
+
 def test_mixed_batch_forward_and_gradients_equal_separate_peft_models(model_path, tokenizer):
     from peft import PeftModel
 
@@ -70,24 +86,14 @@ def test_each_swept_adapter_equals_its_solo_run_and_a_killed_sweep_resumes(tmp_p
     assert [p.name for p in runs] == ["run-00-lr1e-3-seed0", "run-01-lr1e-3-seed1", "run-02-lr4e-3-seed0", "run-03-lr4e-3-seed1"]
     for run in runs:
         assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 1
-        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+        assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
     assert (out / "curves.png").stat().st_size > 0 and "run-03-lr4e-3-seed1" in (out / "summary.md").read_text()
     # Each run equals `rank1 train` with its settings (float reassociation only: rows share micro-batches with other runs).
     for run, flags in ((runs[1], ["--lr", "1e-3", "--seed", "1"]), (runs[2], ["--lr", "4e-3", "--seed", "0"])):
         solo = tmp_path / f"solo-{run.name}"
         result = run_rank1("train", *SMALL, *flags, "--max-steps", "4", "--trainer.checkpoint_every", "0", "--output-dir", str(solo))
         assert result.returncode == 0, result.stderr[-3000:]
-        # The same losses step by step (summation order is the only difference: 1e-7 at step 1, growing as
-        # training amplifies it), and adapters within 1e-3 of what the step moved them: Adam's first steps are
-        # near sign(gradient), so an element whose gradient is near 0 turns float noise into up to ~lr.
-        sweep_losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-        solo_losses = [json.loads(line)["loss"] for line in (solo / "metrics.jsonl").read_text().splitlines()]
-        assert sweep_losses == pytest.approx(solo_losses, rel=1e-5)
-        a, b = adapter(run), adapter(solo)
-        assert a.keys() == b.keys()
-        diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
-        moved = torch.sqrt(sum((b[k] ** 2).sum() for k in b if "lora_B" in k))  # B starts at 0
-        assert diff < 1e-3 * moved, (float(diff), float(moved))
+        assert_same_training_up_to_reassociation(run, solo)
     # Runs with other learning rates (or seeds) really differ.
     first, other = adapter(runs[0]), adapter(runs[2])
     assert max(float((first[k] - other[k]).abs().max()) for k in first) > 1e-3
@@ -112,20 +118,14 @@ def test_each_swept_adapter_equals_its_solo_run_and_a_killed_sweep_resumes(tmp_p
     proc.wait()
     resumed = run_rank1("sweep", *sharded, "--output-dir", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # Against the 1-learner sweep the only difference is the 2-rank reduction's summation order, which Adam's
-    # near-sign first steps amplify to up to ~lr on elements whose gradient is near 0 (CI saw 7e-4 at lr 1e-3):
-    # the same bounds as sweep vs solo. A resume that lost or repeated anything (optimizer moments, data
-    # position, a step) moves the step-3/4 losses by far more than 1e-5 and the adapter by ~lr on every element.
+    # Against the 1-learner sweep the only difference is the 2-rank reduction's summation order (CI saw 7e-4
+    # at lr 1e-3 on single elements): the same bounds as sweep vs solo. A resume that lost or repeated anything
+    # (optimizer moments, data position, a step) moves the step-3/4 losses by far more than 1e-5 and the
+    # adapter by ~lr on every element.
     for run in runs:
-        a, b = adapter(run), load_file(str(killed / run.name / "adapter" / "adapter_model.safetensors"))
-        assert sum(t.numel() for t in b.values()) == 305_280  # gathered from both shards
-        rows = [json.loads(line) for line in (killed / run.name / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [1, 2, 3, 4], run.name  # no gap, no duplicate across the kill
-        sweep_losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert [r["loss"] for r in rows] == pytest.approx(sweep_losses, rel=1e-5), run.name
-        diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
-        moved = torch.sqrt(sum((a[k] ** 2).sum() for k in a if "lora_B" in k))
-        assert diff < 1e-3 * moved, (run.name, float(diff), float(moved))
+        assert sum(t.numel() for t in adapter(killed / run.name).values()) == 305_280  # gathered from both shards
+        assert [r["step"] for r in metrics(killed / run.name)] == [1, 2, 3, 4], run.name  # no gap, no duplicate across the kill
+        assert_same_training_up_to_reassociation(killed / run.name, run)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -167,7 +167,7 @@ def test_grpo_sweep_serves_each_run_from_its_own_vllm_adapter(tmp_path, model_pa
     assert [p.name for p in runs] == ["run-00-lr3e-2", "run-01-lr1e-6"]
     gaps = []
     for run in runs:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics(run)
         assert [r["step"] for r in rows] == [0, 1, 2, 3]
         assert "heldout_accuracy" in rows[0] and "heldout_accuracy" in rows[-1]
         gaps += [r["engine_logprob_gap_max"] for r in rows[1:] if not r["skipped"]]
