@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
+
+from markdown_it import MarkdownIt
 
 FAMILIES = {"adapter": "adapter directions (±)", "neuron": "MLP neurons (first 6 up_proj per layer)", "latent": "SAE latents",
             "random_adapter": "random adapter (control)"}
@@ -111,33 +112,21 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def _md_table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
-    return [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
+    def line(cells: list[str]) -> str:  # a '|' inside a cell (a token, a concept) must not start a new column
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [f"### {title}", "", line(header), "|" + "---|" * len(header), *(line(r) for r in rows), ""]
 
 
-def _html_table(title: str, header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<h3>{html.escape(title)}</h3>\n<table><tr>{head}</tr>{body}</table>"
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%;margin:.5em 0}pre{font-size:12px}")
 
 
-def _md_to_html(lines: list[str]) -> list[str]:
-    """The accuracy report's markdown (### headings, | tables |, paragraphs) as HTML."""
-    out, table = [], []
-    for line in [*lines, ""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= set("-: ") for c in cells):
-                table.append(cells)
-            continue
-        if table:
-            out.append(_html_table("", table[0], table[1:]).removeprefix("<h3></h3>\n"))
-            table = []
-        if line.startswith("#"):
-            out.append(f"<h3>{html.escape(line.lstrip('# '))}</h3>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    return out
+def html_page(markdown: str, title: str) -> str:
+    """report.html: the report's markdown rendered (tables, images, links). Raw HTML in it (a feature's
+    example text) is escaped, not interpreted."""
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style></head><body>\n{body}</body></html>\n"
 
 
 def write_interpretability_report(out: Path, result: dict) -> None:
@@ -161,16 +150,4 @@ def write_interpretability_report(out: Path, result: dict) -> None:
     md += ["Dashboards: " + ", ".join(f"[{n}](interpretability/dashboard-{n}/index.html)" for n in result["adapters"]), ""]
     (out / "report.md").write_text("\n".join(md))
 
-    accuracy_md = accuracy_tables(summary) if "paired" in summary else []
-    page = ["<!doctype html><html><head><meta charset='utf-8'><title>rank1 study</title><style>",
-            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:.5em 0 1.5em}",
-            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%;margin:.5em 0}pre{font-size:12px}",
-            "</style></head><body><h1>rank1 study</h1>"]
-    if accuracy_md:
-        page += ["<h2>Accuracy</h2>", *_md_to_html(accuracy_md)]
-    page.append("<h2>Interpretability</h2>")
-    page += [_html_table(*t) for t in tables(result)]
-    page += [f"<img src='{html.escape(str(p.relative_to(out)))}' alt='{html.escape(p.stem)}'>" for p in figures]
-    page.append("<p>Dashboards: " + ", ".join(f"<a href='interpretability/dashboard-{n}/index.html'>{n}</a>" for n in result["adapters"]) + "</p>")
-    page.append("</body></html>")
-    (out / "report.html").write_text("\n".join(page))
+    (out / "report.html").write_text(html_page("\n".join(md), "rank1 study"))
