@@ -88,7 +88,10 @@ def test_sparse_step_gradients_equal_autograd(architecture):
     mse = ((x_hat - x) ** 2).sum(-1).mean()
     residual = (x - x_hat).detach()
     chosen = pre.detach().masked_fill(~dead, -float("inf")).topk(5, dim=-1).indices
-    aux_acts = torch.zeros_like(pre).scatter(-1, chosen, pre.gather(-1, chosen).relu())  # ReLU (Gao et al. 2024)
+    # AuxK trains the dead latents, not the shared decoder bias: its path sees b_dec as a constant.
+    pre_aux = (x - sae.b_dec.detach()) @ sae.W_enc + sae.b_enc
+    torch.testing.assert_close(pre_aux, pre)
+    aux_acts = torch.zeros_like(pre).scatter(-1, chosen, pre_aux.gather(-1, chosen).relu())  # ReLU (Gao et al. 2024)
     aux = (((aux_acts @ sae.W_dec) - residual) ** 2).sum(-1).mean() / ((residual - residual.mean(0)) ** 2).sum(-1).mean()
     assert (pre.gather(-1, chosen) < 0).any() and (pre.gather(-1, chosen) > 0).any()
     (mse + 0.25 * aux).backward()
