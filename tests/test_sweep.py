@@ -31,15 +31,22 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def assert_same_training_up_to_reassociation(run: Path, reference: Path) -> None:
-    """The same losses step by step (summation order is the only difference: 1e-7 at step 1, growing as
-    training amplifies it), and adapters within 1e-3 of what training moved them: Adam's first steps are
-    near sign(gradient), so an element whose gradient is near 0 turns float noise into up to ~lr."""
-    assert [r["loss"] for r in metrics(run)] == pytest.approx([r["loss"] for r in metrics(reference)], rel=1e-5), run.name
+    """The same losses step by step, and adapters within 1e-3 of what training moved them plus a few lr. Summation order is
+    the only difference: ~1e-7 at step 1, before any update; then Adam's first steps, near sign(gradient),
+    turn the float noise of an element whose gradient is near 0 into up to ~lr, so later losses drift with
+    the learning rate (a local run saw 1.7e-5 relative at step 3 with lr 4e-3; 1e-4 leaves room). A lost or
+    repeated step moves the adapter by ~lr on every element, far past the adapter bound."""
+    losses, expected = [r["loss"] for r in metrics(run)], [r["loss"] for r in metrics(reference)]
+    assert losses[0] == pytest.approx(expected[0], rel=1e-5), run.name
+    assert losses == pytest.approx(expected, rel=1e-4), run.name
     a, b = adapter(run), adapter(reference)
     assert a.keys() == b.keys()
     diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
     moved = torch.sqrt(sum((b[k] ** 2).sum() for k in b if "lora_B" in k))  # B starts at 0
-    assert diff < 1e-3 * moved, (run.name, float(diff), float(moved))
+    # A few flipped elements cost ~lr each (a local run: 0.0042 at lr 4e-3, over 1e-3 of the 2.68 moved);
+    # a lost or repeated step costs ~lr on each of the 305,280 elements, ~550 lr in norm.
+    lr = max(r["lr"] for r in metrics(reference))
+    assert diff < 1e-3 * moved + 10 * lr, (run.name, float(diff), float(moved), lr)
 
 
 def test_mixed_batch_forward_and_gradients_equal_separate_peft_models(model_path, tokenizer):
@@ -120,8 +127,7 @@ def test_each_swept_adapter_equals_its_solo_run_and_a_killed_sweep_resumes(tmp_p
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # Against the 1-learner sweep the only difference is the 2-rank reduction's summation order (CI saw 7e-4
     # at lr 1e-3 on single elements): the same bounds as sweep vs solo. A resume that lost or repeated anything
-    # (optimizer moments, data position, a step) moves the step-3/4 losses by far more than 1e-5 and the
-    # adapter by ~lr on every element.
+    # (optimizer moments, data position, a step) moves the adapter by ~lr on every element.
     for run in runs:
         assert sum(t.numel() for t in adapter(killed / run.name).values()) == 305_280  # gathered from both shards
         assert [r["step"] for r in metrics(killed / run.name)] == [1, 2, 3, 4], run.name  # no gap, no duplicate across the kill
