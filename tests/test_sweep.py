@@ -31,12 +31,13 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def assert_same_training_up_to_reassociation(run: Path, reference: Path) -> None:
-    """The same losses step by step, and adapters within 1e-3 of what training moved them plus a few lr. Summation order is
-    the only difference: ~1e-7 at step 1, before any update; then Adam's first steps, near sign(gradient),
+    """The same losses step by step, and adapters within 1e-3 of what training moved them plus a few lr.
+    Summation order is the only difference: ~1e-7 at step 1, before any update; then Adam's first steps, near sign(gradient),
     turn the float noise of an element whose gradient is near 0 into up to ~lr, so later losses drift with
     the learning rate (a local run saw 1.7e-5 relative at step 3 with lr 4e-3; 1e-4 leaves room). A lost or
     repeated step moves the adapter by ~lr on every element, far past the adapter bound."""
-    losses, expected = [r["loss"] for r in metrics(run)], [r["loss"] for r in metrics(reference)]
+    reference_rows = metrics(reference)
+    losses, expected = [r["loss"] for r in metrics(run)], [r["loss"] for r in reference_rows]
     assert losses[0] == pytest.approx(expected[0], rel=1e-5), run.name
     assert losses == pytest.approx(expected, rel=1e-4), run.name
     a, b = adapter(run), adapter(reference)
@@ -45,7 +46,7 @@ def assert_same_training_up_to_reassociation(run: Path, reference: Path) -> None
     moved = torch.sqrt(sum((b[k] ** 2).sum() for k in b if "lora_B" in k))  # B starts at 0
     # A few flipped elements cost ~lr each (a local run: 0.0042 at lr 4e-3, over 1e-3 of the 2.68 moved);
     # a lost or repeated step costs ~lr on each of the 305,280 elements, ~550 lr in norm.
-    lr = max(r["lr"] for r in metrics(reference))
+    lr = max(r["lr"] for r in reference_rows)
     assert diff < 1e-3 * moved + 10 * lr, (run.name, float(diff), float(moved), lr)
 
 

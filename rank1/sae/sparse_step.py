@@ -9,7 +9,8 @@ autograd's on the dense formulation (tests/sae/test_sae_synthetic.py checks this
     pre   = (x - b_dec) @ W_enc + b_enc            acts = relu(pre) at the chosen pairs
     x̂     = acts @ W_dec + b_dec                    mse = mean_b ‖x̂ - x‖²
     AuxK  : ê = relu(pre) @ W_dec over each token's top aux_k dead latents, target e = x - x̂
-            (detached), loss = mean_b ‖ê - e‖² / mean_b ‖e - ē‖²
+            (detached), loss = mean_b ‖ê - e‖² / mean_b ‖e - ē‖²; b_dec is a constant in this path (AuxK
+            trains the dead latents, not the shared bias: see sparse_step)
             The ReLU matters (Gao et al. 2024; OpenAI's and EleutherAI's code): without it a dead latent
             learns the residual through negative pre-activations and a flipped decoder row, so it stays
             dead, and when it does fire its decoder points the wrong way (FVU rose 0.6 -> 2.7 that way).
