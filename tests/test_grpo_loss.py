@@ -163,3 +163,72 @@ def test_padding_rows_contribute_nothing(policy, tokenizer):
     assert float(loss) == 0.0 and stats["completion_tokens"] == 0.0
     grads = torch.autograd.grad(loss, [p for p in policy.parameters() if p.requires_grad], allow_unused=True)
     assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+
+
+def grouped_rows(seed: int, prompt_lens=(5, 9, 7), group=3) -> list[dict]:
+    """GRPO groups: `group` completions of each prompt, prompts of different lengths (so some are left-padded)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for p in prompt_lens:
+        prompt = torch.randint(10, 1000, (p,), generator=g).tolist()
+        for _ in range(group):
+            n = int(torch.randint(1, MAX_NEW + 1, (1,), generator=g))
+            rows.append({"prompt_ids": prompt, "completion_ids": torch.randint(10, 1000, (n,), generator=g).tolist(),
+                         "advantage": float(torch.randn(1, generator=g)), "engine_logprobs": (-torch.rand(n, generator=g) * 3).tolist()})
+    return rows
+
+
+def test_each_prompt_runs_once_with_the_same_loss_and_gradient(policy, tokenizer):
+    """The shared-prompt pass (one forward per distinct prompt, its keys and values repeated to the group)
+    gives each completion token the logprob of its own unpadded sequence, and the loss and gradient of one
+    plain forward over all rows."""
+    from rank1.trainer.grpo import completion_logprobs, target_positions
+
+    rows = grouped_rows(seed=4)
+    batch = collate_rollouts(rows, tokenizer.pad_token_id)
+    assert batch["prompt_rows"].tolist() == [0, 3, 6] and batch["prompt_of_row"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    plain = {k: v for k, v in batch.items() if k != "prompt_rows"}  # without it, one forward over every row
+    keep = target_positions(batch)
+    with torch.no_grad():
+        shared, _ = completion_logprobs(policy, batch, keep)
+        for i, r in enumerate(rows):
+            ids = torch.tensor([r["prompt_ids"] + r["completion_ids"]])
+            alone = policy(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+            n = len(r["completion_ids"])
+            torch.testing.assert_close(shared[i, :n], alone[-n:], atol=2e-5, rtol=0)
+    settings = GRPOObjective(len(rows), 64, MAX_NEW, aggregation="token")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    sums = {}
+    for name, b in (("shared", batch), ("plain", plain)):
+        loss, stats = grpo_loss_sum(policy, b, settings)
+        sums[name] = (loss.detach(), torch.autograd.grad(loss, params), stats["completion_tokens"])
+    assert sums["shared"][2] == sums["plain"][2] == sum(len(r["completion_ids"]) for r in rows)
+    torch.testing.assert_close(sums["shared"][0], sums["plain"][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(sums["shared"][1], sums["plain"][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert any(torch.count_nonzero(a) for a in sums["shared"][1])  # the adapter gets a gradient at all
+
+
+def test_gradient_checkpointing_runs_one_plain_forward(tokenizer):
+    """Under gradient checkpointing transformers drops the cache inside each layer, so the shared-prompt
+    pass would let completions attend to nothing before them; the loss then takes one plain forward."""
+    from peft import get_peft_model
+
+    from rank1.core.config import AdapterConfig
+    from rank1.core.model import lora_config
+    from rank1.trainer.grpo import checkpointing
+
+    rows = grouped_rows(seed=5)
+    batch = collate_rollouts(rows, tokenizer.pad_token_id)
+    settings = GRPOObjective(len(rows), 64, MAX_NEW)
+    losses = []
+    for enabled in (False, True):
+        model = tiny_llama(tokenizer)
+        if enabled:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, lora_config(AdapterConfig()))
+        randomize_b(model)
+        model.train()
+        assert checkpointing(model) is enabled
+        losses.append(grpo_loss_sum(model, batch, settings)[0].detach())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)

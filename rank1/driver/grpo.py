@@ -59,11 +59,13 @@ def split_rollouts(rows: list[dict], world_size: int, micro_batches: int, collat
     """Rows -> per-rank lists of exactly `micro_batches` collated micro-batches.
 
     Every rank must run the same number of forward passes (under ZeRO-3 each is a collective), even
-    when group filtering left fewer rows: an empty slot gets a zero-weight copy of a row.
+    when group filtering left fewer rows: an empty slot gets a zero-weight copy of a row. Slots take
+    consecutive rows (sizes differing by at most one), so a group's completions stay together and its
+    prompt runs once per slot it spans (rank1.trainer.grpo.completion_logits).
     """
-    slots: list[list[dict]] = [[] for _ in range(world_size * micro_batches)]
-    for i, row in enumerate(rows):
-        slots[i % len(slots)].append(row)
+    n = world_size * micro_batches
+    bounds = [len(rows) * k // n for k in range(n + 1)]
+    slots = [rows[bounds[k] : bounds[k + 1]] for k in range(n)]
     for slot in slots:
         if not slot:
             slot.append(dict(rows[0], advantage=0.0, weight=0.0))

@@ -82,39 +82,97 @@ class GRPOObjective:
 
 
 def collate_rollouts(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Completions -> right-padded tensors; per-token fields are aligned with targets (length L - 1).
+    """Completions -> tensors with prompts left-padded and completions right-padded; per-token fields are
+    aligned with targets (length L - 1).
 
     Each row: prompt_ids, completion_ids, advantage, engine_logprobs (one per completion token), and
     optionally weight (0 for the padding rows that keep micro-batch counts equal across learners).
-    `completion_mask[b, t]` is 1 where token t + 1 of row b is a completion token (the position whose
-    logits predict it is t). A row with an empty completion contributes nothing.
+    Every completion starts at column `prompt_width`, so the positions that predict completion tokens are
+    one block of columns, and rows sharing a prompt (a GRPO group) share its columns exactly:
+    `prompt_rows` names one row per distinct prompt and `prompt_of_row` maps each row to it, which lets
+    the loss run each prompt once (`completion_logprobs`). `position_ids` count real tokens only, so the
+    left padding changes no position. `completion_mask[b, t]` is 1 where token t + 1 of row b is a
+    completion token (the position whose logits predict it is t). A row with an empty completion
+    contributes nothing.
     """
-    width = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
+    prompt_width = max(len(r["prompt_ids"]) for r in rows)
+    # At least 2 completion columns, so the shared pass always runs a second forward: under ZeRO-3 every
+    # rank must run as many forwards as the others.
+    width = prompt_width + max(2, max(len(r["completion_ids"]) for r in rows))
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     completion_mask = torch.zeros((n, width - 1))
     engine_logprobs = torch.zeros((n, width - 1))
+    prompt_index: dict[tuple, int] = {}  # distinct prompt -> its index in prompt_rows
+    prompt_rows, prompt_of_row = [], []
     for b, r in enumerate(rows):
         p, c = len(r["prompt_ids"]), len(r["completion_ids"])
-        input_ids[b, : p + c] = torch.tensor(r["prompt_ids"] + r["completion_ids"], dtype=torch.long)
-        attention_mask[b, : p + c] = 1
-        completion_mask[b, p - 1 : p - 1 + c] = float(r.get("weight", 1.0))
-        engine_logprobs[b, p - 1 : p - 1 + c] = torch.tensor(r["engine_logprobs"], dtype=torch.float32)
+        start = prompt_width - p
+        input_ids[b, start : prompt_width + c] = torch.tensor(r["prompt_ids"] + r["completion_ids"], dtype=torch.long)
+        attention_mask[b, start : prompt_width + c] = 1
+        completion_mask[b, prompt_width - 1 : prompt_width - 1 + c] = float(r.get("weight", 1.0))
+        engine_logprobs[b, prompt_width - 1 : prompt_width - 1 + c] = torch.tensor(r["engine_logprobs"], dtype=torch.float32)
+        key = tuple(r["prompt_ids"])
+        if key not in prompt_index:
+            prompt_index[key] = len(prompt_rows)
+            prompt_rows.append(b)
+        prompt_of_row.append(prompt_index[key])
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
         "completion_mask": completion_mask,
         "engine_logprobs": engine_logprobs,
         "advantages": torch.tensor([float(r["advantage"]) for r in rows]),
+        "prompt_width": torch.tensor(prompt_width),
+        "prompt_rows": torch.tensor(prompt_rows, dtype=torch.long),
+        "prompt_of_row": torch.tensor(prompt_of_row, dtype=torch.long),
     }
 
 
-def target_positions(completion_mask: torch.Tensor) -> torch.Tensor:
-    """Positions whose logits some row needs: the vocabulary projection runs only there. A micro-batch
-    of padding rows needs none, but keeps one position so its forward (a collective) still runs."""
-    keep = (completion_mask > 0).any(dim=0).nonzero().squeeze(1)
+def target_positions(batch: dict) -> torch.Tensor:
+    """Positions whose logits the loss needs: the vocabulary projection runs only there. With aligned
+    completions (collate_rollouts) that is the block of completion columns; otherwise the columns where
+    some row has a completion token (a micro-batch of padding rows keeps one, so its forward, a
+    collective, still runs)."""
+    if "prompt_width" in batch:
+        start = int(batch["prompt_width"]) - 1
+        return torch.arange(start, batch["input_ids"].shape[1] - 1, device=batch["input_ids"].device)
+    keep = (batch["completion_mask"] > 0).any(dim=0).nonzero().squeeze(1)
     return keep if keep.numel() else torch.zeros(1, dtype=torch.long)
+
+
+def completion_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """Logits (B, len(keep), V) at positions `keep`.
+
+    A GRPO group is G completions of one prompt, so by default each distinct prompt runs once: a first
+    forward over the prompts alone keeps their keys and values, which are then repeated to their rows
+    (an index_select, so each row's gradient flows back into its prompt's pass) and attended to by a
+    second forward over the completions. The same sums as one forward over every row (to float
+    rounding), at a fraction of the prompt tokens: at G = 4 and prompts twice as long as completions,
+    half the tokens. A sweep's micro-batch (rows carry `run`: rank1.trainer.batched_rank1 indexes
+    adapters by row) runs as one plain forward, and so does a model training with gradient checkpointing
+    (transformers then drops the cache inside each layer: the completions would attend to nothing before them).
+    """
+    if "prompt_rows" not in batch or "run" in batch or checkpointing(model):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"),
+                     logits_to_keep=keep).logits
+    width, rows, of_row = int(batch["prompt_width"]), batch["prompt_rows"], batch["prompt_of_row"]
+    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    prompts = model(input_ids=ids[rows, :width], attention_mask=mask[rows, :width], position_ids=positions[rows, :width],
+                    use_cache=True, logits_to_keep=1)
+    cache = prompts.past_key_values
+    cache.reorder_cache(of_row)  # (prompts, ...) -> (rows, ...), differentiably
+    end = ids.shape[1] - 1  # the last token predicts nothing
+    rest = model(input_ids=ids[:, width:end], attention_mask=mask[:, :end], position_ids=positions[:, width:end],
+                 past_key_values=cache, use_cache=True).logits
+    return torch.cat([prompts.logits[of_row], rest], dim=1)
+
+
+def checkpointing(model) -> bool:
+    """Whether a forward of `model` now runs with gradient checkpointing (transformers' layers check the same)."""
+    return model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def completion_logprobs(model, batch: dict, keep: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
@@ -122,7 +180,7 @@ def completion_logprobs(model, batch: dict, keep: torch.Tensor, temperature: flo
 
     One log-softmax over the vocabulary serves both: at a few thousand positions × 49k tokens it is the
     largest tensor of the step (measured: a second one cost ~1.2 s of a 13 s learning step)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    logits = completion_logits(model, batch, keep)
     targets = batch["input_ids"][:, keep + 1]
     if not with_entropy:
         return token_logprobs(logits, targets, temperature), None
@@ -181,7 +239,7 @@ def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, d
     and `ref_logprobs` (when kl_coef > 0), both (B, L - 1) like `completion_mask`; without
     `old_logprobs` the current policy is the sampling policy, so old = current (ratio 1, as in TRL).
     """
-    keep = target_positions(batch["completion_mask"])
+    keep = target_positions(batch)
     mask = batch["completion_mask"][:, keep]
     logprobs, entropy = completion_logprobs(model, batch, keep, s.temperature, with_entropy=True)
     old = batch["old_logprobs"][:, keep] if "old_logprobs" in batch else logprobs.detach()
@@ -212,7 +270,7 @@ def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, d
 @torch.no_grad()
 def rollout_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
     """Logprobs (B, L - 1) of the completion tokens under `model` as it is now (zeros elsewhere)."""
-    keep = target_positions(batch["completion_mask"])
+    keep = target_positions(batch)
     logprobs, _ = completion_logprobs(model, batch, keep, temperature)
     full = torch.zeros_like(batch["completion_mask"])
     full[:, keep] = logprobs.float()
