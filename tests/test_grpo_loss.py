@@ -232,3 +232,19 @@ def test_gradient_checkpointing_runs_one_plain_forward(tokenizer):
         assert checkpointing(model) is enabled
         losses.append(grpo_loss_sum(model, batch, settings)[0].detach())
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batches_keep_groups_together(tokenizer):
+    """The driver hands each slot consecutive rows, so a group's prompt runs once; when no slot shares a
+    prompt, every slot runs one plain forward (decided for all ranks at once: ZeRO-3 needs equal counts)."""
+    from rank1.driver.grpo import split_rollouts
+
+    rows = grouped_rows(seed=6)  # 3 prompts x 3 completions
+    shards = split_rollouts(rows, 1, 3, collate_rollouts, tokenizer.pad_token_id)
+    assert [mb["prompt_rows"].tolist() for mb in shards[0]] == [[0], [0], [0]]
+    assert [mb["input_ids"].shape[0] for mb in shards[0]] == [3, 3, 3]
+    two_ranks = split_rollouts(rows[:6], 2, 2, collate_rollouts, tokenizer.pad_token_id)  # 6 rows in 4 slots
+    assert [[mb["input_ids"].shape[0] for mb in shard] for shard in two_ranks] == [[1, 2], [1, 2]]
+    assert all("prompt_rows" in mb for shard in two_ranks for mb in shard)  # some slots share: all take the shared pass
+    singles = split_rollouts(rows, 1, 9, collate_rollouts, tokenizer.pad_token_id)
+    assert all("prompt_rows" not in mb for mb in singles[0])  # nothing shared: one plain forward each

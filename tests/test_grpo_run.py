@@ -131,7 +131,7 @@ def test_grpo_step_on_two_zero3_learners_equals_one_learner_and_kl_reference_is_
         n = 3 + 2 * i
         rows.append({"prompt_ids": list(prompts[i // 2]), "completion_ids": torch.randint(100, 5000, (n,), generator=g).tolist(),
                      "engine_logprobs": (-torch.rand(n, generator=g) * 4).tolist(), "advantage": [1.0, -1.0, 0.7, -0.7][i]})
-    common = ["--objective", "grpo", "--grpo.prompts_per_step", "2", "--grpo.num_generations", "2", "--trainer.micro_batch_size", "1",
+    common = ["--objective", "grpo", "--grpo.prompts_per_step", "2", "--grpo.num_generations", "2", "--trainer.micro_batch_size", "2",
               "--grpo.kl_coef", "0.1", "--grpo.updates_per_batch", "2", "--lr", "1e-2", "--max-steps", "1", "--output-dir", "unused",
               "--cluster.local_num_cpus", "2", "--cluster.local_object_store_mb", "256"]
     ray.shutdown()
@@ -148,7 +148,9 @@ def test_grpo_step_on_two_zero3_learners_equals_one_learner_and_kl_reference_is_
             norm = objective.normalizer(rows)
             learners = make_learners(cfg, model_path, 2, objective)
             try:
-                shards = split_rollouts(rows, learners.size, 4 // learners.size, objective.collate, tokenizer.pad_token_id)
+                shards = split_rollouts(rows, learners.size, 2 // learners.size, objective.collate, tokenizer.pad_token_id)
+                # a micro-batch is one group: its prompt runs once, and its keys and values serve both rows
+                assert all(len(mb["prompt_rows"]) == 1 and len(mb["advantages"]) == 2 for shard in shards for mb in shard)
                 for shard, old, ref in zip(shards, learners.call("rollout_logprobs", per_rank=[(s, True) for s in shards]),
                                            learners.call("rollout_logprobs", per_rank=[(s, False) for s in shards])):
                     for mb, o, r in zip(shard, old, ref):

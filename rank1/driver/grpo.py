@@ -70,6 +70,11 @@ def split_rollouts(rows: list[dict], world_size: int, micro_batches: int, collat
         if not slot:
             slot.append(dict(rows[0], advantage=0.0, weight=0.0))
     collated = [collate(slot, pad_id) for slot in slots]
+    if not any(len(b.get("prompt_rows", ())) < len(b["advantages"]) for b in collated):
+        # No slot shares a prompt: one plain forward each, on every rank alike (under ZeRO-3 the ranks'
+        # numbers of forwards must match, so this is decided here, for all of them).
+        for b in collated:
+            b.pop("prompt_rows", None)
     return [collated[r * micro_batches : (r + 1) * micro_batches] for r in range(world_size)]
 
 
