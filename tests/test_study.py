@@ -121,6 +121,7 @@ def test_a_tiny_study_runs_end_to_end_and_resumes_after_sigterm(tmp_path):
     assert c["n_shared"] + c["n_unique_a"] >= 1 and 0 < c["threshold"] < 1
     report = (out / "report.md").read_text()
     assert "## Interpretability" in report and "Concept F1 per family, sft adapter" in report and "| rank1-grpo |" in report
+    assert "Interpretability compute: " in report and " stages (slowest: " in report  # the stages' total, from their markers
     from rank1_testing import IMAGES_LOADED, PAGE_TEXT, HeadlessChromium
 
     with HeadlessChromium(tmp_path / "profile") as chromium:

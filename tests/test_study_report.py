@@ -1,6 +1,6 @@
 """The study's report.html is its report.md rendered: tables, emphasis and images survive, raw HTML does not."""
 
-from rank1.driver.study.report_interpretability import _md_table, html_page
+from rank1.driver.study.report_interpretability import _md_table, html_page, stage_time
 
 
 def test_report_markdown_renders_as_html_with_tables_bold_and_escaped_text():
@@ -19,3 +19,8 @@ def test_report_markdown_renders_as_html_with_tables_bold_and_escaped_text():
     assert "<li>rank1-grpo over its SFT start: -1.0 points</li>" in page
     assert '<img src="accuracy.png" alt="accuracy"' in page
     assert page.startswith("<!doctype html>") and "<title>rank1 study</title>" in page
+
+
+def test_the_interpretability_stages_total_is_stated():
+    line = stage_time({"capture-sft": 90.0, "sae-sft": 480.0, "analyze-sft": 30.0, "ablate-sft": 120.0})
+    assert line == "Interpretability compute: 12.0 min over 4 stages (slowest: sae-sft 8.0 min, ablate-sft 2.0 min, capture-sft 1.5 min)"

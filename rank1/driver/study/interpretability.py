@@ -99,7 +99,7 @@ def run_stage(stage: Stage, forwarded: list[str], work: Path) -> None:
 
 
 def run_interpretability(cfg: Config, forwarded: list[str]) -> dict:
-    from rank1.driver.study.report_interpretability import gather, write_interpretability_report
+    from rank1.driver.study.report_interpretability import gather, stage_time, write_interpretability_report
 
     out = Path(cfg.study.out)
     work = out / "interpretability"
@@ -109,5 +109,6 @@ def run_interpretability(cfg: Config, forwarded: list[str]) -> dict:
         run_stage(stage, forwarded, work)
     results = gather(out, [s.name for s in plan])
     write_interpretability_report(out, results)
+    log(f"study: {stage_time(results['seconds'])}")
     log(f"study: report in {out / 'report.html'}")
     return results

@@ -129,6 +129,13 @@ def html_page(markdown: str, title: str) -> str:
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style></head><body>\n{body}</body></html>\n"
 
 
+def stage_time(seconds: dict[str, float]) -> str:
+    """One line: the interpretability stages' total time and the slowest ones (from their done-markers)."""
+    slowest = sorted(seconds.items(), key=lambda kv: -kv[1])[:3]
+    return (f"Interpretability compute: {sum(seconds.values()) / 60:.1f} min over {len(seconds)} stages (slowest: "
+            + ", ".join(f"{name} {s / 60:.1f} min" for name, s in slowest) + ")")
+
+
 def write_interpretability_report(out: Path, result: dict) -> None:
     from rank1.driver.study.report_accuracy import accuracy_tables
 
@@ -143,7 +150,7 @@ def write_interpretability_report(out: Path, result: dict) -> None:
     md = ["# rank1 study", ""]
     if "paired" in summary:
         md += ["## Accuracy", "", *accuracy_tables(summary), ""]
-    md += ["## Interpretability", ""]
+    md += ["## Interpretability", "", stage_time(result["seconds"]), ""]
     for t in tables(result):
         md += _md_table(*t)
     md += [f"![{p.stem}]({p.relative_to(out)})" for p in figures] + [""]
