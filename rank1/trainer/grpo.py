@@ -132,15 +132,11 @@ def collate_rollouts(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def target_positions(batch: dict) -> torch.Tensor:
-    """Positions whose logits the loss needs: the vocabulary projection runs only there. With aligned
-    completions (collate_rollouts) that is the block of completion columns; otherwise the columns where
-    some row has a completion token (a micro-batch of padding rows keeps one, so its forward, a
-    collective, still runs)."""
-    if "prompt_width" in batch:
-        start = int(batch["prompt_width"]) - 1
-        return torch.arange(start, batch["input_ids"].shape[1] - 1, device=batch["input_ids"].device)
-    keep = (batch["completion_mask"] > 0).any(dim=0).nonzero().squeeze(1)
-    return keep if keep.numel() else torch.zeros(1, dtype=torch.long)
+    """Positions whose logits the loss needs, the block of completion columns (collate_rollouts aligns
+    every completion at `prompt_width`): the vocabulary projection runs only there. The block is never
+    empty, so a micro-batch of padding rows still runs its forward (a collective)."""
+    start = int(batch["prompt_width"]) - 1
+    return torch.arange(start, batch["input_ids"].shape[1] - 1, device=batch["input_ids"].device)
 
 
 def completion_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
