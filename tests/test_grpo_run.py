@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,7 @@ def test_grpo_preempted_and_resumed_is_bit_identical_and_async_resume_continues(
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not (stopped / "metrics.jsonl").exists() or len((stopped / "metrics.jsonl").read_text().splitlines()) < 2:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)  # a busy wait would take one of the two cores from the run it waits for
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 75, stderr[-3000:]
@@ -214,6 +216,7 @@ def test_grpo_preempted_and_resumed_is_bit_identical_and_async_resume_continues(
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not (async_run / "metrics.jsonl").exists() or len((async_run / "metrics.jsonl").read_text().splitlines()) < 2:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)  # a busy wait would take one of the two cores from the run it waits for
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 75, stderr[-3000:]
