@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +111,17 @@ class HeadlessChromium:
 
 PAGE_TEXT = "document.body.innerText"
 IMAGES_LOADED = "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until run/metrics.jsonl holds `step` rows; fails if the run ends first (with its stderr tail when piped) or at the deadline."""
+    deadline = time.time() + timeout
+    while True:
+        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+        if len(lines) >= step:
+            return
+        if proc.poll() is not None:
+            tail = proc.stderr.read()[-3000:] if proc.stderr else ""
+            raise AssertionError(f"the run ended before step {step}: {tail}")
+        assert time.time() < deadline, f"no step {step} within {timeout:.0f} s"
+        time.sleep(0.05)  # a busy wait would take one of the two cores from the run it waits for

@@ -9,14 +9,13 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rank1_testing import REPO, run_rank1
+from rank1_testing import REPO, run_rank1, wait_for_step
 
 pytestmark = pytest.mark.slow  # each test runs the real CLI several times
 
@@ -34,16 +33,6 @@ def start(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-m", "rank1.cli", "train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while True:
-        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-        if len(lines) >= step:
-            return
-        assert proc.poll() is None and time.time() < deadline, "the run ended before that step"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rank1_testing import REPO
+from rank1_testing import REPO, wait_for_step
 
 # Tiny GRPO steps: 4 prompts x 2 completions of at most 2 tokens, 1 learner (in the driver), stage 0.
 TINY = ["--data.arithmetic_rows", "16", "--data.max_length", "96", "--trainer.micro_batch_size", "4",
@@ -196,9 +195,7 @@ def test_grpo_preempted_and_resumed_is_bit_identical_and_async_resume_continues(
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "rank1.cli", "train", *args, "--output-dir", str(stopped)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (stopped / "metrics.jsonl").exists() or len((stopped / "metrics.jsonl").read_text().splitlines()) < 2:
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.1)  # a busy wait would take one of the two cores from the run it waits for
+    wait_for_step(stopped, 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 75, stderr[-3000:]
@@ -214,9 +211,7 @@ def test_grpo_preempted_and_resumed_is_bit_identical_and_async_resume_continues(
     async_run = tmp_path / "async"
     proc = subprocess.Popen([sys.executable, "-m", "rank1.cli", "train", *args, "--rollout.async", "true", "--output-dir", str(async_run)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (async_run / "metrics.jsonl").exists() or len((async_run / "metrics.jsonl").read_text().splitlines()) < 2:
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.1)  # a busy wait would take one of the two cores from the run it waits for
+    wait_for_step(async_run, 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 75, stderr[-3000:]
