@@ -125,3 +125,28 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
             raise AssertionError(f"the run ended before step {step}: {tail}")
         assert time.time() < deadline, f"no step {step} within {timeout:.0f} s"
         time.sleep(0.05)  # a busy wait would take one of the two cores from the run it waits for
+
+
+def tagged_env(tag: str) -> dict:
+    """The environment for a run whose processes a test must find later: every process it starts (Ray's
+    raylet and actors included) inherits RANK1_TEST_TAG, so another test's processes on the same machine
+    (pytest runs two workers) are never mistaken for this run's."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return env | {"PYTHONUNBUFFERED": "1", "RANK1_TEST_TAG": tag}
+
+
+def tagged_pids(tag: str, cmdline_contains: str = "") -> list[int]:
+    """The live processes started with RANK1_TEST_TAG=tag (whose command line contains cmdline_contains)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("State:"))
+        except (OSError, StopIteration):  # ended while we looked, or not ours to read
+            continue
+        if f"RANK1_TEST_TAG={tag}".encode() in environ and cmdline_contains in cmdline and "zombie" not in state:
+            found.append(int(entry.name))
+    return sorted(found)

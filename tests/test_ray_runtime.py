@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rank1_testing import REPO, run_rank1
+from rank1_testing import REPO, run_rank1, tagged_env, tagged_pids
 
 SMALL = ["--data.arithmetic_rows", "16", "--data.max_length", "96", "--trainer.global_batch_size", "4",
          "--trainer.micro_batch_size", "2", "--trainer.zero_stage", "0", "--logging.progress", "false", "--eval.in_training", "false"]
@@ -81,16 +81,16 @@ def test_killed_learner_restarts_the_group_from_the_checkpoint(tmp_path, one_nod
     straight = tmp_path / "straight"
     assert run_rank1("train", *args, "--output-dir", str(straight)).returncode == 0
     out = tmp_path / "killed"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = tagged_env(f"killed-learner-{os.getpid()}")
     proc = subprocess.Popen([sys.executable, "-m", "rank1.cli", "train", *args, "--output-dir", str(out)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while not (out / "checkpoints" / "step-000002").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.1)
-    pids = subprocess.run(["pgrep", "-f", "ray::Learner"], capture_output=True, text=True).stdout.split()
+    pids = tagged_pids(env["RANK1_TEST_TAG"], "ray::Learner")  # this run's actors, not another test's
     assert pids, "no learner actor processes found"
-    os.kill(int(pids[-1]), signal.SIGKILL)
+    os.kill(pids[-1], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
     restored = re.search(r"restarting the learner group from step (\d+)", stderr)

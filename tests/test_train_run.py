@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rank1_testing import REPO, run_rank1
+from rank1_testing import REPO, run_rank1, tagged_env, tagged_pids
 
 SMALL = ["--data.arithmetic_rows", "32", "--data.max_length", "96", "--trainer.global_batch_size", "4",
          "--trainer.micro_batch_size", "2", "--trainer.zero_stage", "0", "--logging.progress", "false", "--eval.in_training", "false"]
@@ -99,7 +99,7 @@ def test_zero3_two_learners_over_gloo_equal_one_through_a_preemption(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = run_rank1("train", *common, "--trainer.num_learners", "1", "--output-dir", str(one))
     assert r1.returncode == 0, r1.stderr[-3000:]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = tagged_env(f"zero3-preempted-{os.getpid()}")
     proc = subprocess.Popen([sys.executable, "-m", "rank1.cli", "train", *common, "--trainer.num_learners", "2", "--output-dir", str(two)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 900
@@ -110,7 +110,7 @@ def test_zero3_two_learners_over_gloo_equal_one_through_a_preemption(tmp_path):
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 75, stderr[-3000:]
     assert len(list((two / "checkpoints").glob("step-*/state/*"))) >= 2  # both ranks' ZeRO-3 shards
-    assert not subprocess.run(["pgrep", "-f", "ray::Learner"], capture_output=True, text=True).stdout.strip()  # actors stopped
+    assert tagged_pids(env["RANK1_TEST_TAG"], "ray::Learner") == []  # its actors stopped (another test's may be running)
     r2 = run_rank1("train", *common, "--trainer.num_learners", "2", "--output-dir", str(two), "--resume")
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = adapter(one), adapter(two)
