@@ -248,3 +248,25 @@ def test_micro_batches_keep_groups_together(tokenizer):
     assert all("prompt_rows" in mb for shard in two_ranks for mb in shard)  # some slots share: all take the shared pass
     singles = split_rollouts(rows, 1, 9, collate_rollouts, tokenizer.pad_token_id)
     assert all("prompt_rows" not in mb for mb in singles[0])  # nothing shared: one plain forward each
+
+
+def test_entropy_statistic_is_the_masked_sum_of_each_positions_entropy(policy, tokenizer):
+    from rank1.trainer.grpo import entropy_sum, target_positions
+
+    g = torch.Generator().manual_seed(5)
+    log_probs = torch.randn(3, 70, 11, generator=g).log_softmax(-1)  # more positions than one chunk
+    mask = torch.randint(0, 2, (3, 70), generator=g).float() * torch.tensor([1.0, 0.5, 2.0])[:, None]
+    plain = (-(log_probs.exp() * log_probs).sum(-1) * mask).sum()
+    torch.testing.assert_close(entropy_sum(log_probs, mask), plain)
+    assert float(entropy_sum(log_probs, torch.zeros(3, 70))) == 0.0
+    # ... and the step's statistic is that sum at the completion tokens of a real forward
+    rows = rollout_rows(seed=6)
+    batch = collate_rollouts(rows, tokenizer.pad_token_id)
+    keep = target_positions(batch)
+    with torch.no_grad():
+        _, stats = grpo_loss_sum(policy, batch, GRPOObjective(len(rows), PROMPT_LEN + MAX_NEW, MAX_NEW))
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+    lp = logits[:, keep].float().log_softmax(-1)
+    expected = (-(lp.exp() * lp).sum(-1) * batch["completion_mask"][:, keep]).sum()
+    assert stats["entropy_sum"] > 0
+    torch.testing.assert_close(torch.tensor(stats["entropy_sum"]), expected, atol=1e-3, rtol=1e-5)

@@ -29,7 +29,7 @@ MANIFEST = "manifest.json"
 CHANGEABLE_ON_RESUME = ("logging.", "cluster.", "export.", "eval.every", "eval.in_training", "eval.batch", "trainer.max_steps",
                         "trainer.epochs", "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.max_nonfinite_steps",
                         "rollout.num_engines", "rollout.cpus_per_engine", "rollout.gpus_per_engine", "rollout.max_restarts",
-                        "rollout.timeout_s", "rollout.kv_cache_gb", "rewards.num_workers", "rewards.max_restarts")
+                        "rollout.timeout_s", "rollout.kv_cache_gb", "rollout.block_size", "rewards.num_workers", "rewards.max_restarts")
 IGNORED_ON_RESUME = ("trainer.resume", "trainer.resume_allow_changes", "trainer.dry_run", "logging.output_dir")  # a moved run is the same run
 # How writes that ran out of room read (errno is lost when a Ray actor raised it; torch.save says "unexpected pos").
 WRITE_FAILURES = ("No space left", "File too large", "Disk quota", "unexpected pos", "PytorchStreamWriter failed")

