@@ -250,16 +250,28 @@ def test_micro_batches_keep_groups_together(tokenizer):
     assert all("prompt_rows" not in mb for mb in singles[0])  # nothing shared: one plain forward each
 
 
-def test_entropy_statistic_is_the_masked_sum_of_each_positions_entropy(policy, tokenizer):
-    from rank1.trainer.grpo import entropy_sum, target_positions
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_and_entropy_equal_log_softmax_in_value_and_gradient(temperature):
+    from rank1.core.logprobs import token_logprobs, token_logprobs_and_entropy
 
     g = torch.Generator().manual_seed(5)
-    log_probs = torch.randn(3, 70, 11, generator=g).log_softmax(-1)  # more positions than one chunk
-    mask = torch.randint(0, 2, (3, 70), generator=g).float() * torch.tensor([1.0, 0.5, 2.0])[:, None]
-    plain = (-(log_probs.exp() * log_probs).sum(-1) * mask).sum()
-    torch.testing.assert_close(entropy_sum(log_probs, mask), plain)
-    assert float(entropy_sum(log_probs, torch.zeros(3, 70))) == 0.0
-    # ... and the step's statistic is that sum at the completion tokens of a real forward
+    logits = (torch.randn(3, 23, 50, generator=g) * 4).requires_grad_()  # 69 positions: two chunks of 32 and a ragged one
+    targets = torch.randint(0, 50, (3, 23), generator=g)
+    weights = torch.randn(3, 23, generator=g)
+    lp, h = token_logprobs_and_entropy(logits, targets, temperature)
+    ref = token_logprobs(logits, targets, temperature)
+    torch.testing.assert_close(lp, ref, atol=1e-6, rtol=1e-6)  # float rounding: the same sums in another order
+    log_p = (logits / temperature).log_softmax(-1)
+    torch.testing.assert_close(h, -(log_p.exp() * log_p).sum(-1), atol=1e-5, rtol=0)
+    assert not h.requires_grad  # a statistic
+    ours, = torch.autograd.grad((lp * weights).sum(), logits)
+    theirs, = torch.autograd.grad((ref * weights).sum(), logits)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_entropy_statistic_is_the_masked_sum_of_each_positions_entropy(policy, tokenizer):
+    from rank1.trainer.grpo import target_positions
+
     rows = rollout_rows(seed=6)
     batch = collate_rollouts(rows, tokenizer.pad_token_id)
     keep = target_positions(batch)

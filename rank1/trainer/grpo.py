@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from rank1.core.config import Config, ConfigError
-from rank1.core.logprobs import token_logprobs
+from rank1.core.logprobs import token_logprobs_and_entropy
 from rank1.trainer.sft import split_rows, weighted_rows
 
 
@@ -139,8 +139,9 @@ def target_positions(batch: dict) -> torch.Tensor:
     return torch.arange(start, batch["input_ids"].shape[1] - 1, device=batch["input_ids"].device)
 
 
-def completion_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
-    """Logits (B, len(keep), V) at positions `keep`.
+def completion_logits(model, batch: dict, keep: torch.Tensor) -> list[torch.Tensor]:
+    """Logits (B, k, V) at positions `keep`, as consecutive parts along k (one, or the prompts' last
+    position and then the completions': not concatenated, which would copy the largest tensor of the step).
 
     A GRPO group is G completions of one prompt, so by default each distinct prompt runs once: a first
     forward over the prompts alone keeps their keys and values, which are then repeated to their rows
@@ -152,8 +153,8 @@ def completion_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     (transformers then drops the cache inside each layer: the completions would attend to nothing before them).
     """
     if "prompt_rows" not in batch or "run" in batch or checkpointing(model):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"),
-                     logits_to_keep=keep).logits
+        return [model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"),
+                      logits_to_keep=keep).logits]
     width, rows, of_row = int(batch["prompt_width"]), batch["prompt_rows"], batch["prompt_of_row"]
     ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     prompts = model(input_ids=ids[rows, :width], attention_mask=mask[rows, :width], position_ids=positions[rows, :width],
@@ -163,7 +164,7 @@ def completion_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     end = ids.shape[1] - 1  # the last token predicts nothing
     rest = model(input_ids=ids[:, width:end], attention_mask=mask[:, :end], position_ids=positions[:, width:end],
                  past_key_values=cache, use_cache=True).logits
-    return torch.cat([prompts.logits[of_row], rest], dim=1)
+    return [prompts.logits[of_row], rest]
 
 
 def checkpointing(model) -> bool:
@@ -175,32 +176,20 @@ def completion_logprobs(model, batch: dict, keep: torch.Tensor, temperature: flo
     """log p_T(token t+1 | ..t) at positions `keep`, shape (B, len(keep)); and, if asked, the entropy summed
     over the completion tokens (weighted by `completion_mask`, as the step's other statistics are).
 
-    One log-softmax over the vocabulary serves both: at a few thousand positions × 49k tokens it is the
-    largest tensor of the step (measured: a second one cost ~1.2 s of a 13 s learning step)."""
-    logits = completion_logits(model, batch, keep)
+    Both come from one chunked pass over the logits (rank1.core.logprobs.token_logprobs_and_entropy): at a
+    few thousand positions × 49k tokens they are the largest tensor of the step."""
     targets = batch["input_ids"][:, keep + 1]
+    logprobs, entropy, start = [], [], 0
+    for logits in completion_logits(model, batch, keep):
+        width = logits.shape[1]
+        lp, h = token_logprobs_and_entropy(logits, targets[:, start : start + width], temperature)
+        logprobs.append(lp)
+        entropy.append(h)
+        start += width
+    logprobs = torch.cat(logprobs, dim=1)
     if not with_entropy:
-        return token_logprobs(logits, targets, temperature), None
-    logits = logits.float()
-    log_probs = (logits / temperature if temperature != 1.0 else logits).log_softmax(-1)
-    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy_sum(log_probs, batch["completion_mask"][:, keep])
-
-
-@torch.no_grad()  # a metric: no graph kept for it
-def entropy_sum(log_probs: torch.Tensor, mask: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    """Σ mask · H over the positions where mask > 0, H = -Σ_v p log p.
-
-    A few positions at a time, so each chunk's exp stays in the CPU's cache and the (B, K, V) tensor is
-    read once, and padding is skipped: the whole-tensor form, exp then multiply then sum, took ~0.5 s of a
-    ~10 s GRPO learning step on SmolLM2."""
-    flat, weights = log_probs.reshape(-1, log_probs.shape[-1]), mask.reshape(-1)
-    on = weights.nonzero().squeeze(-1)
-    total = torch.zeros((), dtype=torch.float32, device=log_probs.device)
-    for start in range(0, len(on), chunk):
-        rows = on[start : start + chunk]
-        part = flat.index_select(0, rows)
-        total -= (torch.einsum("nv,nv->n", part.exp(), part) * weights[rows]).sum()
-    return total
+        return logprobs, None
+    return logprobs, (torch.cat(entropy, dim=1) * batch["completion_mask"][:, keep]).sum()
 
 
 # ---------------------------------------------------------------- the loss
