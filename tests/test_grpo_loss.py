@@ -258,7 +258,7 @@ def test_chunked_logprobs_and_entropy_equal_log_softmax_in_value_and_gradient(te
     logits = (torch.randn(3, 23, 50, generator=g) * 4).requires_grad_()  # 69 positions: two chunks of 32 and a ragged one
     targets = torch.randint(0, 50, (3, 23), generator=g)
     weights = torch.randn(3, 23, generator=g)
-    lp, h = token_logprobs_and_entropy(logits, targets, temperature)
+    lp, h = token_logprobs_and_entropy(logits, targets, temperature, chunk=32)
     ref = token_logprobs(logits, targets, temperature)
     torch.testing.assert_close(lp, ref, atol=1e-6, rtol=1e-6)  # float rounding: the same sums in another order
     log_p = (logits / temperature).log_softmax(-1)

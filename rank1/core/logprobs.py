@@ -66,10 +66,16 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad.view_as(logits).to(logits.dtype), None, None, None
 
 
+# Elements of one chunk: on CPU a few MB, within its cache (measured at 49k tokens: 32-64 positions a chunk
+# were fastest); on a GPU enough positions that a long micro-batch is not thousands of small kernels.
+CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**26}
+
+
 def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                               chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+                               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(token_logprobs(logits, targets, T), the entropy of softmax(logits / T)) per position, fp32; the
-    entropy carries no gradient (a statistic)."""
+    entropy carries no gradient (a statistic). `chunk`: positions at a time (default: by device and vocabulary)."""
+    chunk = chunk or max(1, CHUNK_ELEMENTS.get(logits.device.type, 2**21) // logits.shape[-1])
     logprobs, entropy = _ChunkedTokenLogprobs.apply(logits, targets, float(temperature), chunk)
     return logprobs, entropy.detach()
 
