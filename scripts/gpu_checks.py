@@ -103,7 +103,18 @@ def grpo_loss(state) -> str:
     model.zero_grad()
     model.eval()
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
-    return f"loss {float(loss):.4f}, kl {stats['kl_sum']:.2e}"
+    # The chunked logprob pass on the device (CUDA chunks are larger) against log_softmax + gather.
+    from rank1.core.logprobs import token_logprobs, token_logprobs_and_entropy
+
+    logits = (torch.randn(2, 300, 32000, device=state["device"]) * 4).requires_grad_()
+    targets = torch.randint(0, 32000, (2, 300), device=state["device"])
+    ours, _ = token_logprobs_and_entropy(logits, targets, 0.7)
+    theirs = token_logprobs(logits, targets, 0.7)
+    grad_ours, = torch.autograd.grad(ours.sum(), logits)
+    grad_theirs, = torch.autograd.grad(theirs.sum(), logits)
+    diff = max(float((ours - theirs).abs().max()), float((grad_ours - grad_theirs).abs().max()))
+    assert diff < 1e-4, f"chunked logprobs differ from log_softmax by {diff:.3g}"
+    return f"loss {float(loss):.4f}, kl {stats['kl_sum']:.2e}, chunked logprobs max diff {diff:.2g}"
 
 
 def engine_sync(state) -> str:
