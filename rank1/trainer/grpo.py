@@ -173,8 +173,7 @@ def checkpointing(model) -> bool:
 
 
 def completion_logprobs(model, batch: dict, keep: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
-    """log p_T(token t+1 | ..t) at positions `keep`, shape (B, len(keep)); and, if asked, the entropy summed
-    over the completion tokens (weighted by `completion_mask`, as the step's other statistics are).
+    """log p_T(token t+1 | ..t) at positions `keep`, shape (B, len(keep)); and the entropy there if asked.
 
     Both come from one chunked pass over the logits (rank1.core.logprobs.token_logprobs_and_entropy): at a
     few thousand positions × 49k tokens they are the largest tensor of the step."""
@@ -189,7 +188,7 @@ def completion_logprobs(model, batch: dict, keep: torch.Tensor, temperature: flo
     logprobs = torch.cat(logprobs, dim=1)
     if not with_entropy:
         return logprobs, None
-    return logprobs, (torch.cat(entropy, dim=1) * batch["completion_mask"][:, keep]).sum()
+    return logprobs, torch.cat(entropy, dim=1)
 
 
 # ---------------------------------------------------------------- the loss
@@ -242,7 +241,7 @@ def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, d
     """
     keep = target_positions(batch)
     mask = batch["completion_mask"][:, keep]
-    logprobs, entropy_total = completion_logprobs(model, batch, keep, s.temperature, with_entropy=True)
+    logprobs, entropy = completion_logprobs(model, batch, keep, s.temperature, with_entropy=True)
     old = batch["old_logprobs"][:, keep] if "old_logprobs" in batch else logprobs.detach()
     ref = batch["ref_logprobs"][:, keep] if s.kl_coef != 0.0 else None
     weights = importance_weights(old, batch["engine_logprobs"][:, keep], mask, s.is_cap) if s.is_correction else None
@@ -251,7 +250,7 @@ def grpo_loss_sum(model, batch: dict, s: GRPOObjective) -> tuple[torch.Tensor, d
     tokens = float(mask.sum())
     stats = {
         "completion_tokens": tokens,
-        "entropy_sum": float(entropy_total),
+        "entropy_sum": float((entropy * mask).sum()),
         "clipped_sum": float((parts["clipped"] * mask).sum()),
         "kl_sum": float((parts["kl"] * mask).sum()) if "kl" in parts else 0.0,
     }
