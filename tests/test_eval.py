@@ -42,30 +42,35 @@ def test_bad_eval_input(tmp_path):
     assert result.returncode == 2 and "no adapter_config.json" in result.stderr
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
 @pytest.mark.slow
-def test_eval_end_to_end_grades_what_it_generated(tmp_path, monkeypatch):
-    monkeypatch.setenv("RANK1_DATA_DIR", str(SHARED_DATA))
+def test_eval_end_to_end_grades_what_it_generated(tmp_path):
+    # pass@k (k > 1) grades a greedy and k sampled completions per problem in one call; every record must
+    # get its own completions' grades back. The extracted answers differ from completion to completion, so
+    # a grade given to the wrong completion shows even when every reward is 0.
     out = tmp_path / "eval"
-    result = run_rank1("eval", "--data", "gsm8k", "--limit", "2", "--k", "2", "--rollout.backend", "transformers",
-                       "--rollout.max_new_tokens", "24", "--cluster.local_num_cpus", "2", "--out", str(out))
+    result = run_rank1("eval", "--data", "arithmetic", "--eval.heldout_rows", "4", "--k", "2", "--rollout.backend", "transformers",
+                       "--eval.max_new_tokens", "24", "--cluster.local_num_cpus", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(records) == 2 and summary["problems"] == 2
-    assert summary["pass@1"] == sum(r["pass@1"] for r in records) / 2
+    assert len(records) == 4 and summary["problems"] == 4
+    assert summary["pass@1"] == sum(r["pass@1"] for r in records) / 4
     assert "pass@2" in result.stdout and "pass@1" in result.stdout
     from rank1.core.config import RewardsConfig
     from rank1.rewards.guard import GuardedGrader
 
+    graded = []
     with GuardedGrader(RewardsConfig(functions=["math"], gold_format="gsm8k")) as grader:
         for r in records:
             assert len(r["greedy"]) == 1 and len(r["sampled"]) == 2
             for s in r["greedy"] + r["sampled"]:
-                assert s["completion"] and s["status"] == "ok"
-                assert grader.grade(r["gold"], s["completion"]).reward == s["reward"]
+                assert s["completion"]
+                own = grader.grade(r["gold"], s["completion"])
+                assert (s["reward"], s["extracted"], s["status"]) == (own.reward, own.extracted, own.status), (r["question"], s)
+                graded.append(own.extracted)
             # Grading the gold's own final answer as a completion scores 1: golds are read correctly.
             assert grader.grade(r["gold"], r["gold"].split("####")[-1].join(["\\boxed{", "}"])).reward == 1.0
+    assert len(set(graded)) > 3, graded  # the check above could tell one completion's grade from another's
 
 
 def test_eval_prompts_follow_how_the_adapter_was_trained(tokenizer, tmp_path):

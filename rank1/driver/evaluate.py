@@ -176,7 +176,8 @@ def score_eval_set(engines, rewards, evalset: EvalSet, cfg: Config, samples: int
                 for c in engines.generate(prompts, sampling, [slot] * len(prompts)):
                     completions[name][start + c.prompt_index].append(c.text)
                 bar.update(min(e.batch, len(evalset.prompts) - start))
-    pairs = [(p["gold"], text) for name, _ in runs for p, texts in zip(evalset.problems, completions[name]) for text in texts]
+    # Problem by problem, each problem's runs in turn: the order the records below take the grades back in.
+    pairs = [(p["gold"], text) for i, p in enumerate(evalset.problems) for name, _ in runs for text in completions[name][i]]
     grades = iter(rewards.score(pairs))
     records = []
     for i, p in enumerate(evalset.problems):
