@@ -21,17 +21,17 @@ from sides import report, run_sides
 
 
 def run_side(block_size: int, args) -> dict:
-    from rank1.core.config import BOXED_INSTRUCTION, ModelConfig
-    from rank1.core.data import arithmetic_rows
+    from rank1.core.config import BOXED_INSTRUCTION, DataConfig, ModelConfig
+    from rank1.core.data import load_prompt_data
     from rank1.core.model import load_tokenizer, resolve_model_path
     from rank1.rollout.engine import SamplingSpec
     from rank1.rollout.vllm_engine import VLLMEngine
 
     path = resolve_model_path(ModelConfig())
     tokenizer = load_tokenizer(path, ModelConfig())
-    rows = arithmetic_rows(args.prompts * (args.repeats + 1), seed=7)
-    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": f"{r['question']} {BOXED_INSTRUCTION}"}],
-                                                  add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for r in rows]
+    # GRPO's own prompts: the embedded rows with the boxed-answer instruction, as rank1 train builds them.
+    data = load_prompt_data(DataConfig(), tokenizer, 1024 - args.completion, BOXED_INSTRUCTION)
+    prompts = [r.prompt_ids for r in data.rows[: args.prompts * (args.repeats + 1)]]
     engine = VLLMEngine(path, max_model_len=1024, max_num_seqs=args.prompts * args.generations, adapter_mode="merged", block_size=block_size)
     spec = SamplingSpec(n=args.generations, max_new_tokens=args.completion, temperature=1.0, seed=0, ignore_eos=True)
     seconds = []

@@ -114,7 +114,7 @@ class RolloutConfig:
     kv_cache_gb: int = knob(1, gt=0)  # vLLM-cpu KV cache (VLLM_CPU_KVCACHE_SPACE), whole GiB
     max_num_seqs: int = knob(64, gt=0)  # vLLM scheduler: sequences decoded together
     # vLLM KV-cache block, tokens. None: 32 on CPU (vLLM-cpu's own default is 128; at GRPO's short sequences
-    # 128 took 1.26x the time of 32: benchmarks/vllm_block_size.py), vLLM's own default on GPU. CPU takes multiples of 32.
+    # 128 took 1.25x the time of 32: benchmarks/vllm_block_size.py), vLLM's own default on GPU. CPU takes multiples of 32.
     block_size: int | None = knob(None, gt=0)
     cpus_per_engine: float = knob(1.0, ge=0)  # what Ray reserves for an engine actor
     # torch threads of an engine; None: every core of its node. Ray would give an actor of 1 CPU one thread,
