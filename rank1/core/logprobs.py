@@ -75,7 +75,7 @@ def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temp
                                chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(token_logprobs(logits, targets, T), the entropy of softmax(logits / T)) per position, fp32; the
     entropy carries no gradient (a statistic). `chunk`: positions at a time (default: by device and vocabulary)."""
-    chunk = chunk or max(1, CHUNK_ELEMENTS.get(logits.device.type, 2**21) // logits.shape[-1])
+    chunk = chunk or max(1, CHUNK_ELEMENTS.get(logits.device.type, CHUNK_ELEMENTS["cpu"]) // logits.shape[-1])
     logprobs, entropy = _ChunkedTokenLogprobs.apply(logits, targets, float(temperature), chunk)
     return logprobs, entropy.detach()
 
