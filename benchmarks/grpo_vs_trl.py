@@ -11,8 +11,11 @@ sides: the same prompts (the arithmetic task with its instruction), G, completio
 rewards with signal from the first step (math-verify accuracy + the one-final-answer format reward, so
 groups differ), learning rate, one micro-batch of all completions per optimizer step, no KL. A step whose
 groups all got equal rewards carries no gradient: rank1 skips it and TRL still runs its backward, so such
-steps are counted per side and left out of "per learning step". Each side runs in its own child process;
-the first `--warmup` steps are not timed.
+steps are counted per side and left out of "per learning step". Within a learning step, a row whose
+advantage is 0 has zero gradient (no KL): rank1's learners skip its forward and backward
+(grpo.skip_zero_advantage_rows, its default), the normalizer still counts it, so the update is TRL's;
+a third side runs rank1 with the option off, all rows through the learners as TRL does, and its time is
+printed too. Each side runs in its own child process; the first `--warmup` steps are not timed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from sides import report, run_sides
 
 
-def run_rank1(args) -> dict:
+def run_rank1(args, all_rows: bool = False) -> dict:
     from rank1.core.flags import load_config
     from rank1.driver.run import train
 
@@ -37,7 +40,8 @@ def run_rank1(args) -> dict:
                        "--trainer.micro_batch_size", str(n), "--max-steps", str(args.steps), "--trainer.checkpoint_every", "0",
                        "--trainer.zero_stage", "0", "--rewards.functions", "math,format", "--logging.progress", "false",
                        "--lr", str(args.lr), "--eval.in_training", "false",
-                       "--output-dir", str(out), "--rollout.async", str(args.rank1_async).lower()])
+                       "--output-dir", str(out), "--rollout.async", str(args.rank1_async).lower(),
+                       "--grpo.skip_zero_advantage_rows", str(not all_rows).lower()])
     train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
     learned = [r for r in rows if not r["skipped"]]
@@ -47,7 +51,8 @@ def run_rank1(args) -> dict:
 
     return {"seconds_per_learning_step": mean("seconds", learned), "learning_steps": len(learned), "skipped_steps": len(rows) - len(learned),
             "split": {k: mean(f"time_{k}", learned) for k in ("generate", "reward", "learn", "sync")},
-            "generated_tokens_per_s": mean("generate_tokens_per_s", learned), "reward_first": rows[0]["reward_mean"],
+            "generated_tokens_per_s": mean("generate_tokens_per_s", learned), "rows_learned": mean("rows_learned", learned),
+            "reward_first": rows[0]["reward_mean"],
             "reward_last": rows[-1]["reward_mean"]}
 
 
@@ -128,22 +133,29 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--rank1-async", action="store_true", help="rank1 generates the next batch while learning")
-    parser.add_argument("--side", choices=["rank1", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["rank1", "rank1-all-rows", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        report(run_rank1(args) if args.side == "rank1" else run_trl(args))
+        report(run_trl(args) if args.side == "trl" else run_rank1(args, all_rows=args.side == "rank1-all-rows"))
         return
-    results = run_sides(__file__, ("rank1", "trl"))
-    r, t = results["rank1"], results["trl"]
+    results = run_sides(__file__, ("rank1", "rank1-all-rows", "trl"))
+    r, a, t = results["rank1"], results["rank1-all-rows"], results["trl"]
+    n = args.prompts * args.generations
     print(f"model {args.model}: {args.prompts} prompts x G={args.generations}, completions <= {args.completion} tokens, rewards math + format, "
           f"lr {args.lr:g}, {args.steps} steps ({args.warmup} warm-up not timed), rank1 async {'on' if args.rank1_async else 'off'}")
     split = ", ".join(f"{k} {v:.1f}" for k, v in r["split"].items())
     print(f"rank1: {r['seconds_per_learning_step']:.1f} s per learning step ({split}); {r['learning_steps']} learning, "
-          f"{r['skipped_steps']} skipped (all rewards equal); generation {r['generated_tokens_per_s']:.0f} tokens/s")
+          f"{r['skipped_steps']} skipped (all rewards equal); the learners ran {r['rows_learned']:.1f} of {n} rows a step (the others' "
+          f"advantage was 0); generation {r['generated_tokens_per_s']:.0f} tokens/s")
     trl_split = ", ".join(f"{k} {v:.1f}" for k, v in t["split"].items())
     print(f"TRL:   {t['seconds_per_learning_step']:.1f} s per learning step ({trl_split}); {t['learning_steps']} with signal, "
           f"{t['steps_without_signal']} without (run, not counted)")
-    print(f"ratio rank1/TRL time per learning step: {r['seconds_per_learning_step'] / t['seconds_per_learning_step']:.2f}x")
+    all_split = ", ".join(f"{k} {v:.1f}" for k, v in a["split"].items())
+    print(f"rank1 with grpo.skip_zero_advantage_rows false (the learners run all {n} rows, as TRL does): "
+          f"{a['seconds_per_learning_step']:.1f} s per learning step ({all_split}); {a['learning_steps']} learning, {a['skipped_steps']} skipped")
+    print(f"mean reward at the last step: rank1 {r['reward_last']:.3f}, rank1 all rows {a['reward_last']:.3f}, TRL {t['reward_last']:.3f}")
+    print(f"ratio rank1/TRL time per learning step: {r['seconds_per_learning_step'] / t['seconds_per_learning_step']:.2f}x "
+          f"(all rows: {a['seconds_per_learning_step'] / t['seconds_per_learning_step']:.2f}x)")
 
 
 if __name__ == "__main__":

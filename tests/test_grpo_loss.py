@@ -282,3 +282,31 @@ def test_entropy_statistic_is_the_masked_sum_of_each_positions_entropy(policy, t
     expected = (-(lp.exp() * lp).sum(-1) * batch["completion_mask"][:, keep]).sum()
     assert stats["entropy_sum"] > 0
     torch.testing.assert_close(torch.tensor(stats["entropy_sum"]), expected, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", list(AGGREGATIONS))
+def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(policy, tokenizer, aggregation):
+    """Without KL, a row whose advantage is 0 has zero gradient: the learners skip it, and the normalizer
+    over every row keeps the step's gradient that of all rows (TRL's), to float rounding. With KL every row runs."""
+    from rank1.core.config import GRPOConfig
+    from rank1.driver.grpo import learned_rows
+
+    rows = grouped_rows(seed=7)  # 3 groups of 3
+    for r in rows[3:6]:
+        r["advantage"] = 0.0  # a group whose rewards were all equal
+    rows[0]["advantage"] = 0.0  # a row whose reward was its group's mean
+    settings = GRPOObjective(len(rows), 64, MAX_NEW, aggregation=aggregation, epsilon_high=0.28)
+    kept, norm = learned_rows(rows, settings, GRPOConfig())
+    assert [rows.index(r) for r in kept] == [1, 2, 6, 7, 8]
+    assert norm == settings.normalizer(rows) != settings.normalizer(kept)  # every row counted, also the skipped
+    params = [p for p in policy.parameters() if p.requires_grad]
+    grads = {}
+    for name, which in (("all", rows), ("kept", kept)):
+        batch = collate_rollouts(which, tokenizer.pad_token_id)
+        loss, _ = grpo_loss_sum(policy, batch, settings)
+        grads[name] = torch.autograd.grad(loss / norm, params)
+    for a, b in zip(grads["all"], grads["kept"]):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+    assert any(torch.count_nonzero(a) for a in grads["kept"])
+    assert learned_rows(rows, settings, GRPOConfig(kl_coef=0.04))[0] == rows  # the KL term of every row has a gradient
+    assert learned_rows(rows, settings, GRPOConfig(skip_zero_advantage_rows=False))[0] == rows

@@ -149,6 +149,10 @@ class GRPOConfig:
     is_correction: bool = True  # truncated importance weights: engine vs learner logprobs
     is_cap: float = knob(3.0, ge=1)  # the weights are clipped from above at this value (TRL's clip_max)
     filter_equal_groups: bool = False  # drop groups whose completions all got the same reward
+    # Rows whose advantage is 0 carry no gradient when kl_coef is 0 (the loss is A times the ratio terms),
+    # so the learners skip their forward and backward; the normalizer still counts them, so the update is
+    # the all-rows one (TRL's). Entropy and clip statistics then cover the rows learned.
+    skip_zero_advantage_rows: bool = True
     # Appended to each question; None = the question as the data gives it (what an SFT adapter was trained on);
     # auto: as adapter.init's run was prompted (None after SFT), else BOXED_INSTRUCTION.
     instruction: str | None = "auto"

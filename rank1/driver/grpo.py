@@ -55,6 +55,20 @@ def rollout_rows(batch: RolloutBatch, cfg) -> tuple[list[dict], int]:
     return rows, filtered
 
 
+def learned_rows(rows: list[dict], objective, g) -> tuple[list[dict], float]:
+    """The rows the learners must run, and the normalizer of the whole batch's loss.
+
+    Without KL a row's loss is its advantage times ratio terms (times its importance weight), so a row
+    whose advantage is exactly 0 has zero gradient under every aggregation: with
+    grpo.skip_zero_advantage_rows it is not run, and the normalizer, taken over every row, still counts
+    it, so the update is the all-rows one. With kl_coef > 0 every row is run (its KL term has a gradient).
+    """
+    norm = objective.normalizer(rows)
+    if g.kl_coef != 0.0 or not g.skip_zero_advantage_rows:
+        return rows, norm
+    return [r for r in rows if r["advantage"] != 0.0], norm
+
+
 def split_rollouts(rows: list[dict], world_size: int, micro_batches: int, collate, pad_id: int) -> list[list[dict]]:
     """Rows -> per-rank lists of exactly `micro_batches` collated micro-batches.
 
@@ -131,6 +145,7 @@ class GRPOJob:
     def update(self, learners, rows: list[dict], micro_batches: int) -> dict:
         """grpo.updates_per_batch optimizer steps on one rollout batch; returns the last step's statistics."""
         g = self.cfg.grpo
+        rows, norm = learned_rows(rows, self.objective, g)
         shards = split_rollouts(rows, learners.size, micro_batches, self.objective.collate, self.pad_id)
         if g.updates_per_batch > 1:  # the ratio's denominator must stay the sampling policy's across updates
             for shard, old in zip(shards, learners.call("rollout_logprobs", per_rank=[(s, True) for s in shards])):
@@ -140,13 +155,12 @@ class GRPOJob:
             for shard, ref in zip(shards, learners.call("rollout_logprobs", per_rank=[(s, False) for s in shards])):
                 for mb, lp in zip(shard, ref):
                     mb["ref_logprobs"] = lp
-        norm = self.objective.normalizer(rows)
         for _ in range(g.updates_per_batch):
             results = learners.call("train_step", per_rank=[(shard, norm) for shard in shards])
         stats: dict = {}
         for r in results:
             merge_stats(stats, {k: v for k, v in r.items() if k not in ("lr", "grad_norm")})
-        stats.update(lr=results[0]["lr"], grad_norm=results[0]["grad_norm"], loss=stats.pop("loss_sum") / norm)
+        stats.update(lr=results[0]["lr"], grad_norm=results[0]["grad_norm"], loss=stats.pop("loss_sum") / norm, rows_learned=len(rows))
         return stats
 
 
@@ -162,6 +176,7 @@ def step_record(step: int, batch: RolloutBatch, stats: dict, filtered: int, skip
         "response_length": statistics.fmean(lengths),
         "truncated": sum(c.finish_reason == "length" for c in batch.completions) / len(lengths),
         "groups_filtered": filtered,
+        "rows_learned": stats.get("rows_learned", 0),
         "skipped": skipped,
         "nonfinite": bool(stats.get("nonfinite", False)),
         "loss": stats.get("loss", 0.0),

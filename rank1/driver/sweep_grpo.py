@@ -18,7 +18,7 @@ import torch
 
 from rank1.core.config import ConfigError
 from rank1.core.data import global_batch, load_prompt_data
-from rank1.driver.grpo import rollout_rows, split_rollouts, step_record
+from rank1.driver.grpo import learned_rows, rollout_rows, split_rollouts, step_record
 from rank1.driver.loop import RunState, StepLoop
 from rank1.driver.rollouts import RolloutBatch, lora_rank, probe_tolerance, push_learner_adapter, rollout_seed
 from rank1.rollout.engine import SamplingSpec, probe_token_ids
@@ -149,8 +149,8 @@ class GRPOSweep:
         for run, rows in enumerate(rows_per_run):
             # A run left without rows (every group filtered) still runs its micro-batches, at weight 0: under
             # ZeRO-3 every forward is a collective and DeepSpeed counts them to its accumulation boundary.
+            rows, norm = learned_rows(rows, self.objective, self.cfg.grpo)  # as a solo run skips zero-advantage rows
             rows = rows or [dict(spare, advantage=0.0, weight=0.0)]
-            norm = self.objective.normalizer(rows) if any(r.get("weight", 1.0) for r in rows) else 1.0
             self._norms.append(norm)
             for rank, batches in enumerate(split_rollouts(rows, learners.size, micro, self.objective.collate, self.pad_id)):
                 for b in batches:
