@@ -71,6 +71,59 @@ def test_eval_end_to_end_grades_what_it_generated(tmp_path):
             # Grading the gold's own final answer as a completion scores 1: golds are read correctly.
             assert grader.grade(r["gold"], r["gold"].split("####")[-1].join(["\\boxed{", "}"])).reward == 1.0
     assert len(set(graded)) > 3, graded  # the check above could tell one completion's grade from another's
+    assert summary["sampled_pass@1"] == sum(sum(x["reward"] > 0 for x in r["sampled"]) / 2 for r in records) / 4
+
+    # --eval.compare_to: the paired gain over another evaluation of the same problems. A baseline that had
+    # problem 1 the other way round (greedy and both samples) differs from this run by exactly that problem.
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    flipped = [dict(r) for r in records]
+    flipped[0]["pass@1"] = 1.0 - records[0]["pass@1"]
+    flipped[0]["sampled"] = [dict(x, reward=1.0 - float(x["reward"] > 0)) for x in records[0]["sampled"]]
+    (baseline / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flipped))
+    again = run_rank1("eval", "--data", "arithmetic", "--eval.heldout_rows", "4", "--k", "2", "--rollout.backend", "transformers",
+                      "--eval.max_new_tokens", "24", "--cluster.local_num_cpus", "2", "--out", str(tmp_path / "again"),
+                      "--eval.compare_to", str(baseline))
+    assert again.returncode == 0, again.stderr[-3000:]
+    compared = json.loads((tmp_path / "again" / "summary.json").read_text())["compared_to"]
+    sign = 1 if records[0]["pass@1"] else -1
+    assert compared["pass@1"]["value"] == pytest.approx(sign / 4)  # the same model and seed: only problem 1 differs
+    share = sum(x["reward"] > 0 for x in records[0]["sampled"]) / 2
+    assert compared["sampled_pass@1"]["value"] == pytest.approx((share - (1 - share)) / 4)
+    assert "sampled_pass@1:" in again.stdout and "paired 95 % interval" in again.stdout
+    # A baseline of other problems is refused before anything is generated.
+    flipped[2]["question"] = "What is 1 + 1?"
+    (baseline / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flipped))
+    refused = run_rank1("eval", "--data", "arithmetic", "--eval.heldout_rows", "4", "--out", str(tmp_path / "refused"),
+                        "--eval.compare_to", str(baseline))
+    assert refused.returncode == 2 and "eval.compare_to: problem 3 differs" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+
+def test_paired_gains_on_known_records(tmp_path):
+    from rank1.core.data import DataError
+    from rank1.driver.eval_compare import paired_gains, read_records
+
+    def record(q, greedy, samples):
+        return {"question": q, "pass@1": greedy, "sampled": [{"reward": float(x)} for x in samples]}
+
+    base = [record(f"q{i}", i < 10, [i < 5, i < 15]) for i in range(40)]  # greedy 10/40; samples 20/80
+    better = [record(f"q{i}", i < 20, [i < 20, i < 20]) for i in range(40)]  # greedy 20/40; samples 40/80
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
+    gains = paired_gains(read_records(folder), better)
+    assert gains["pass@1"]["value"] == pytest.approx(0.25) and gains["pass@1"]["baseline"] == 0.25
+    assert gains["sampled_pass@1"]["value"] == pytest.approx(0.25) and gains["sampled_pass@1"]["this"] == 0.5
+    low, high = gains["pass@1"]["ci95"]
+    assert 0 < low < 0.25 < high < 0.5  # 10 problems better, none worse: the paired interval excludes 0
+    no_samples = [dict(r, sampled=[]) for r in better]
+    assert set(paired_gains(read_records(folder), no_samples)) == {"pass@1"}
+    (folder / "problems.jsonl").write_text(json.dumps(base[0]) + "\n" + '{"question": "q1"}\n')
+    with pytest.raises(DataError, match="problems.jsonl line 2: not a rank1 eval problem record"):
+        read_records(folder)
+    with pytest.raises(DataError, match="does not exist"):
+        read_records(tmp_path / "nowhere")
 
 
 def test_eval_prompts_follow_how_the_adapter_was_trained(tokenizer, tmp_path):

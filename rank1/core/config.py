@@ -193,6 +193,8 @@ class EvalConfig:
     heldout_rows: int = knob(200, gt=0, le=1000)  # the arithmetic set: problems from another seed, none in training (arithmetic-val starts at 1000)
     batch: int = knob(64, gt=0)  # problems per generation call (progress granularity)
     out: str | None = None  # folder for problems.jsonl and summary.json
+    # another `rank1 eval`'s out folder, same problems: the paired gain over it (pass@1, and sampled pass@1 with eval.k > 1)
+    compare_to: str | None = None
     in_training: bool = True  # `rank1 train`: held-out pass@1 at the start and the end
     every: int = knob(0, ge=0)  # `rank1 train`: also every N steps (0 = start and end only)
 

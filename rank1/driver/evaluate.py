@@ -25,6 +25,7 @@ from tqdm import tqdm
 from rank1.core.commands import EVAL, command_main
 from rank1.core.config import Config, DataConfig
 from rank1.core.data import DataError, heldout_arithmetic_rows, read_rows
+from rank1.driver.eval_compare import check_same_problems, describe, paired_gains, read_records, sampled_correct
 from rank1.driver.metrics import log
 
 
@@ -196,6 +197,7 @@ def score_eval_set(engines, rewards, evalset: EvalSet, cfg: Config, samples: int
                "pass@1_ci95": [low, high], "max_new_tokens": evalset.max_new_tokens}
     if samples > 1:
         summary[f"pass@{e.k}"] = sum(r[f"pass@{e.k}"] for r in records) / len(records)
+        summary["sampled_pass@1"] = sum(sampled_correct(r) for r in records) / len(records)  # at eval.temperature
         summary["samples"] = samples
     return records, summary
 
@@ -225,6 +227,9 @@ def evaluate(cfg: Config) -> dict:
     tokenizer = load_tokenizer(model_path, cfg.model)
     cfg.rollout.max_model_len = e.max_model_len or model_context(model_path, cfg)
     evalset = build_eval_set(cfg, tokenizer, run)
+    baseline = read_records(Path(e.compare_to)) if e.compare_to else None
+    if baseline is not None:  # fails before anything is generated
+        check_same_problems(Path(e.compare_to), baseline, [p["question"] for p in evalset.problems])
     out = Path(e.out or (Path(e.adapter).parent / "eval" if e.adapter else "eval"))
 
     init_ray(cfg.cluster)
@@ -242,6 +247,8 @@ def evaluate(cfg: Config) -> dict:
         engines.shutdown()
         rewards.close()
     summary.update(model=cfg.model.name_or_path, adapter=e.adapter)
+    if baseline is not None:
+        summary["compared_to"] = {"folder": e.compare_to, **paired_gains(baseline, records)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -265,6 +272,11 @@ def print_summary(summary: dict, out: Path) -> None:
     Console().print(table)
     low, high = summary["pass@1_ci95"]
     print(f"pass@1 95% interval: [{low:.3f}, {high:.3f}]; per-problem results: {out / 'problems.jsonl'}")
+    if "sampled_pass@1" in summary:
+        print(f"sampled pass@1 (the share of correct samples): {summary['sampled_pass@1']:.3f}")
+    if "compared_to" in summary:
+        gains = {k: v for k, v in summary["compared_to"].items() if k != "folder"}
+        print("\n".join(describe(gains, summary["compared_to"]["folder"])))
 
 
 def main(argv: list[str]) -> int:
