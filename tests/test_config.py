@@ -169,3 +169,24 @@ def test_defaults_follow_the_objective_and_where_the_adapter_starts(tmp_path):
     assert load_config(["--objective", "grpo", "--adapter.init", str(run / "adapter")]).grpo.instruction == "Think."
     kept = load_config(["--objective", "grpo", "--adapter.init", str(run / "adapter"), "--grpo.instruction", "Be brief."])
     assert kept.grpo.instruction == "Be brief."
+
+
+def test_micro_batch_follows_the_objective():
+    from rank1.core.config import GRPO_MAX_MICRO_BATCH, SFT_MICRO_BATCH
+
+    assert load_config([]).trainer.micro_batch_size == SFT_MICRO_BATCH == 4
+    grpo = ["--objective", "grpo"]
+    # GRPO: a learner's whole share of the rollout batch, in equal forwards of at most GRPO_MAX_MICRO_BATCH rows.
+    assert load_config(grpo).trainer.micro_batch_size == 16  # 4 prompts x 4: one forward
+    assert GRPO_MAX_MICRO_BATCH == 32
+    sized = {(16, 8, 1): 32, (16, 8, 2): 32, (3, 4, 1): 12, (5, 8, 1): 20, (6, 8, 4): 12, (9, 4, 1): 18, (3, 2, 4): 1}
+    for (prompts, g, learners), expected in sized.items():
+        cfg = load_config([*grpo, "--grpo.prompts_per_step", str(prompts), "--grpo.num_generations", str(g),
+                           "--trainer.num_learners", str(learners)])
+        assert cfg.trainer.micro_batch_size == expected, (prompts, g, learners)
+    assert load_config([*grpo, "--trainer.micro_batch_size", "2"]).trainer.micro_batch_size == 2  # what the user says wins
+    with pytest.raises(ConfigError, match="not a multiple of trainer.micro_batch_size"):
+        from rank1.trainer.grpo import GRPOObjective
+
+        GRPOObjective.from_config(load_config([*grpo, "--grpo.prompts_per_step", "3", "--grpo.num_generations", "2",
+                                               "--trainer.num_learners", "4"]))

@@ -82,7 +82,7 @@ class TrainerConfig:
     warmup_ratio: float = knob(0.05, ge=0, lt=1)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     global_batch_size: int = knob(8, gt=0)  # SFT rows per optimizer step, over all learners and micro-batches
-    micro_batch_size: int = knob(4, gt=0)  # rows per forward pass on one learner
+    micro_batch_size: int | None = knob(None, gt=0)  # rows per forward pass on one learner; None: the objective's (micro_batch_default)
     max_steps: int = knob(60, ge=0)  # optimizer steps; 0 = run `epochs` over the data
     epochs: float = knob(1.0, gt=0)
     grad_clip: float = knob(1.0, ge=0)
@@ -262,6 +262,12 @@ BOXED_INSTRUCTION = "Give only the final answer, in the form \\boxed{ANSWER}."
 # rate, and whether its runs append grpo.instruction to the questions (so an adapter continued from such
 # a run is prompted the same way).
 OBJECTIVE_LR = {"sft": SFT_LR, "grpo": GRPO_LR}
+SFT_MICRO_BATCH = 4  # SFT rows run up to data.max_length tokens each
+# GRPO rows are short completions of a few shared prompts, and a rollout batch is cut into a fixed number of
+# forwards (rows / micro_batch_size) whatever the zero-advantage skip leaves: at 4, 128 rows are 32 forwards of
+# 2-3 learned rows, too small for the CPU's matmuls. Forwards of up to 32 learned the same rows in half the
+# time (benchmarks/grpo_micro_batch.py: 271 vs 542 ms a row), so a learner takes its share in forwards of up to 32.
+GRPO_MAX_MICRO_BATCH = 32
 PROMPTS_WITH_INSTRUCTION = {"sft": False, "grpo": True}
 
 
@@ -269,6 +275,8 @@ def resolve_objective_defaults(cfg: Config) -> None:
     """Fill the fields whose default depends on the objective or on where the adapter starts."""
     if cfg.trainer.lr is None:
         cfg.trainer.lr = OBJECTIVE_LR[cfg.trainer.objective]
+    if cfg.trainer.micro_batch_size is None:
+        cfg.trainer.micro_batch_size = micro_batch_default(cfg)
     if cfg.rewards.functions == ["auto"]:
         cfg.rewards.functions = ["math"] if cfg.adapter.init else ["math", "format"]
     if cfg.grpo.instruction == "auto":
@@ -278,6 +286,17 @@ def resolve_objective_defaults(cfg: Config) -> None:
             trained = (yaml.safe_load(run.read_text()) if run.is_file() else None) or {}
             prompted = PROMPTS_WITH_INSTRUCTION.get((trained.get("trainer") or {}).get("objective"), False)
             cfg.grpo.instruction = (trained.get("grpo") or {}).get("instruction") if prompted else None
+
+
+def micro_batch_default(cfg: Config) -> int:
+    """SFT: SFT_MICRO_BATCH. GRPO: the largest divisor of a learner's share of the rollout batch up to
+    GRPO_MAX_MICRO_BATCH (one forward for the default 4 prompts x 4); 1 when the batch does not split over
+    the learners, which the objective then reports."""
+    if cfg.trainer.objective == "sft":
+        return SFT_MICRO_BATCH
+    rows, learners = cfg.grpo.prompts_per_step * cfg.grpo.num_generations, cfg.trainer.num_learners
+    share = rows // learners if rows % learners == 0 else 1
+    return max(d for d in range(1, min(share, GRPO_MAX_MICRO_BATCH) + 1) if share % d == 0)
 
 
 def cross_checks(cfg: Config) -> None:
