@@ -91,12 +91,19 @@ def test_eval_end_to_end_grades_what_it_generated(tmp_path):
     share = sum(x["reward"] > 0 for x in records[0]["sampled"]) / 2
     assert compared["sampled_pass@1"]["value"] == pytest.approx((share - (1 - share)) / 4)
     assert "sampled_pass@1:" in again.stdout and "paired 95 % interval" in again.stdout
-    # A baseline of other problems is refused before anything is generated.
+    # A baseline of other problems, or sampled otherwise, is refused before anything starts: the Ray address
+    # given leads nowhere, so a run that got as far as starting engines would fail with another error.
+    def refused(*flags):
+        return run_rank1("eval", "--data", "arithmetic", "--eval.heldout_rows", "4", "--out", str(tmp_path / "refused"),
+                         "--cluster.address", "127.0.0.1:9", "--eval.compare_to", str(baseline), *flags)
+
+    (baseline / "summary.json").write_text(json.dumps({"samples": 2, "temperature": 0.5}))
+    result = refused("--k", "2")
+    assert result.returncode == 2 and "sampled with temperature 0.5, this evaluation with 1.0" in result.stderr, result.stderr[-2000:]
     flipped[2]["question"] = "What is 1 + 1?"
     (baseline / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flipped))
-    refused = run_rank1("eval", "--data", "arithmetic", "--eval.heldout_rows", "4", "--out", str(tmp_path / "refused"),
-                        "--eval.compare_to", str(baseline))
-    assert refused.returncode == 2 and "eval.compare_to: problem 3 differs" in refused.stderr
+    result = refused()
+    assert result.returncode == 2 and "eval.compare_to: problem 3 differs" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "refused").exists()
 
 

@@ -266,7 +266,8 @@ SFT_MICRO_BATCH = 4  # SFT rows run up to data.max_length tokens each
 # GRPO rows are short completions of a few shared prompts, and a rollout batch is cut into a fixed number of
 # forwards (rows / micro_batch_size) whatever the zero-advantage skip leaves: at 4, 128 rows are 32 forwards of
 # 2-3 learned rows, too small for the CPU's matmuls. Forwards of up to 32 learned the same rows in half the
-# time (benchmarks/grpo_micro_batch.py: 271 vs 542 ms a row), so a learner takes its share in forwards of up to 32.
+# time (benchmarks/grpo_micro_batch.py: 271 vs 542 ms a row), so a CPU learner takes its share in forwards of up to 32
+# (on a GPU, memory bounds a forward: the SFT default stands).
 GRPO_MAX_MICRO_BATCH = 32
 PROMPTS_WITH_INSTRUCTION = {"sft": False, "grpo": True}
 
@@ -288,11 +289,22 @@ def resolve_objective_defaults(cfg: Config) -> None:
             cfg.grpo.instruction = (trained.get("grpo") or {}).get("instruction") if prompted else None
 
 
+def learners_may_use_gpu(cfg: Config) -> bool:
+    """Whether the learners may run on a GPU (where memory, not matmul size, bounds a forward)."""
+    if cfg.trainer.device != "auto":
+        return cfg.trainer.device == "cuda"
+    if cfg.cluster.gpus_per_learner > 0:
+        return True
+    import torch
+
+    return torch.cuda.is_available()  # an in-process learner takes a local GPU
+
+
 def micro_batch_default(cfg: Config) -> int:
-    """SFT: SFT_MICRO_BATCH. GRPO: the largest divisor of a learner's share of the rollout batch up to
-    GRPO_MAX_MICRO_BATCH (one forward for the default 4 prompts x 4); 1 when the batch does not split over
-    the learners, which the objective then reports."""
-    if cfg.trainer.objective == "sft":
+    """SFT, and any learner that may be on a GPU: SFT_MICRO_BATCH. GRPO on CPU learners: the largest divisor
+    of a learner's share of the rollout batch up to GRPO_MAX_MICRO_BATCH (one forward for the default 4
+    prompts x 4); 1 when the batch does not split over the learners, which the objective then reports."""
+    if cfg.trainer.objective == "sft" or learners_may_use_gpu(cfg):
         return SFT_MICRO_BATCH
     rows, learners = cfg.grpo.prompts_per_step * cfg.grpo.num_generations, cfg.trainer.num_learners
     share = rows // learners if rows % learners == 0 else 1

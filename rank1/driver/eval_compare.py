@@ -47,6 +47,18 @@ def check_same_problems(baseline: Path, theirs: list[dict], questions: list[str]
                             f"{question[:60]!r}): compare evaluations of the same set")
 
 
+def check_same_sampling(baseline: Path, samples: int, temperature: float) -> None:
+    """The sampled pass@1 of two evaluations compares only at one temperature and number of samples."""
+    path = Path(baseline) / "summary.json"
+    theirs = json.loads(path.read_text()) if path.is_file() else {}
+    if samples <= 1 or "samples" not in theirs:
+        return  # one side did not sample: only greedy pass@1 is compared
+    for key, ours in (("samples", samples), ("temperature", temperature)):
+        if theirs.get(key, ours) != ours:
+            raise DataError(f"eval.compare_to: {path} sampled with {key} {theirs[key]}, this evaluation with {ours}: "
+                            "compare evaluations with the same eval.k / eval.n and eval.temperature")
+
+
 def paired_gains(theirs: list[dict], records: list[dict]) -> dict:
     """{metric: {value, ci95, baseline, this}} for pass@1 and, where both sides sampled, sampled_pass@1."""
     ours = [{"pass@1": float(r["pass@1"]), "sampled": sampled_correct(r)} for r in records]

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from rank1.core.commands import EVAL, command_main
 from rank1.core.config import Config, DataConfig
 from rank1.core.data import DataError, heldout_arithmetic_rows, read_rows
-from rank1.driver.eval_compare import check_same_problems, describe, paired_gains, read_records, sampled_correct
+from rank1.driver.eval_compare import check_same_problems, check_same_sampling, describe, paired_gains, read_records, sampled_correct
 from rank1.driver.metrics import log
 
 
@@ -198,7 +198,7 @@ def score_eval_set(engines, rewards, evalset: EvalSet, cfg: Config, samples: int
     if samples > 1:
         summary[f"pass@{e.k}"] = sum(r[f"pass@{e.k}"] for r in records) / len(records)
         summary["sampled_pass@1"] = sum(sampled_correct(r) for r in records) / len(records)  # at eval.temperature
-        summary["samples"] = samples
+        summary.update(samples=samples, temperature=e.temperature)
     return records, summary
 
 
@@ -227,9 +227,11 @@ def evaluate(cfg: Config) -> dict:
     tokenizer = load_tokenizer(model_path, cfg.model)
     cfg.rollout.max_model_len = e.max_model_len or model_context(model_path, cfg)
     evalset = build_eval_set(cfg, tokenizer, run)
+    samples = max(e.n or e.k, e.k) if e.k > 1 else 1
     baseline = read_records(Path(e.compare_to)) if e.compare_to else None
     if baseline is not None:  # fails before anything is generated
         check_same_problems(Path(e.compare_to), baseline, [p["question"] for p in evalset.problems])
+        check_same_sampling(Path(e.compare_to), samples, e.temperature)
     out = Path(e.out or (Path(e.adapter).parent / "eval" if e.adapter else "eval"))
 
     init_ray(cfg.cluster)
@@ -241,7 +243,6 @@ def evaluate(cfg: Config) -> dict:
     try:
         if adapter:
             engines.push_adapter(adapter[0], adapter[1], version=1)
-        samples = max(e.n or e.k, e.k) if e.k > 1 else 1
         records, summary = score_eval_set(engines, rewards, evalset, cfg, samples)
     finally:
         engines.shutdown()
