@@ -131,6 +131,16 @@ def test_paired_gains_on_known_records(tmp_path):
         read_records(folder)
     with pytest.raises(DataError, match="does not exist"):
         read_records(tmp_path / "nowhere")
+    from rank1.driver.eval_compare import check_same_sampling
+
+    (folder / "summary.json").write_text('{"samples": 8, "temperature": 1.0}')
+    check_same_sampling(folder, 8, 1.0)
+    check_same_sampling(folder, 1, 0.7)  # this side does not sample: only greedy pass@1 is compared
+    with pytest.raises(DataError, match="sampled with samples 8, this evaluation with 4"):
+        check_same_sampling(folder, 4, 1.0)
+    (folder / "summary.json").write_text("{not json")
+    with pytest.raises(DataError, match="summary.json is not a rank1 eval summary"):
+        check_same_sampling(folder, 8, 1.0)
 
 
 def test_eval_prompts_follow_how_the_adapter_was_trained(tokenizer, tmp_path):

@@ -50,7 +50,10 @@ def check_same_problems(baseline: Path, theirs: list[dict], questions: list[str]
 def check_same_sampling(baseline: Path, samples: int, temperature: float) -> None:
     """The sampled pass@1 of two evaluations compares only at one temperature and number of samples."""
     path = Path(baseline) / "summary.json"
-    theirs = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        theirs = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as error:
+        raise DataError(f"eval.compare_to: {path} is not a rank1 eval summary ({error})") from None
     if samples <= 1 or "samples" not in theirs:
         return  # one side did not sample: only greedy pass@1 is compared
     for key, ours in (("samples", samples), ("temperature", temperature)):
