@@ -22,6 +22,11 @@ def sampled_correct(record: dict) -> float | None:
     return sum(s["reward"] > 0 for s in samples) / len(samples) if samples else None
 
 
+def outcome(record: dict) -> dict:
+    """What a comparison reads of one problem record of `rank1 eval`."""
+    return {"question": record["question"], "pass@1": float(record["pass@1"]), "sampled": sampled_correct(record)}
+
+
 def read_records(folder: Path) -> list[dict]:
     path = Path(folder) / "problems.jsonl"
     if not path.is_file():
@@ -29,8 +34,7 @@ def read_records(folder: Path) -> list[dict]:
     records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            record = json.loads(line)
-            records.append({"question": record["question"], "pass@1": float(record["pass@1"]), "sampled": sampled_correct(record)})
+            records.append(outcome(json.loads(line)))
         except (ValueError, KeyError, TypeError) as error:
             raise DataError(f"{path} line {number}: not a rank1 eval problem record ({error})") from None
     return records
@@ -62,9 +66,17 @@ def check_same_sampling(baseline: Path, samples: int, temperature: float) -> Non
                             "compare evaluations with the same eval.k / eval.n and eval.temperature")
 
 
+def read_baseline(folder: Path, questions: list[str], samples: int, temperature: float) -> list[dict]:
+    """The baseline's outcomes, refused unless it scored these problems with this sampling (before generating)."""
+    theirs = read_records(folder)
+    check_same_problems(folder, theirs, questions)
+    check_same_sampling(folder, samples, temperature)
+    return theirs
+
+
 def paired_gains(theirs: list[dict], records: list[dict]) -> dict:
     """{metric: {value, ci95, baseline, this}} for pass@1 and, where both sides sampled, sampled_pass@1."""
-    ours = [{"pass@1": float(r["pass@1"]), "sampled": sampled_correct(r)} for r in records]
+    ours = [outcome(r) for r in records]
     result = {}
     for metric, key in (("pass@1", "pass@1"), ("sampled_pass@1", "sampled")):
         if any(r[key] is None for r in theirs + ours):
@@ -75,10 +87,13 @@ def paired_gains(theirs: list[dict], records: list[dict]) -> dict:
     return result
 
 
-def describe(gains: dict, baseline: Path) -> list[str]:
+def describe(compared: dict) -> list[str]:
+    """Lines for `summary["compared_to"]`: {folder, metric: gain}."""
     lines = []
-    for metric, g in gains.items():
+    for metric, g in compared.items():
+        if metric == "folder":
+            continue
         low, high = g["ci95"]
-        lines.append(f"{metric}: {100 * g['this']:.1f} % vs {100 * g['baseline']:.1f} % in {baseline}: "
+        lines.append(f"{metric}: {100 * g['this']:.1f} % vs {100 * g['baseline']:.1f} % in {compared['folder']}: "
                      f"{100 * g['value']:+.1f} points (paired 95 % interval {100 * low:+.1f} to {100 * high:+.1f})")
     return lines

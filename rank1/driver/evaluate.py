@@ -25,7 +25,7 @@ from tqdm import tqdm
 from rank1.core.commands import EVAL, command_main
 from rank1.core.config import Config, DataConfig
 from rank1.core.data import DataError, heldout_arithmetic_rows, read_rows
-from rank1.driver.eval_compare import check_same_problems, check_same_sampling, describe, paired_gains, read_records, sampled_correct
+from rank1.driver.eval_compare import describe, paired_gains, read_baseline, sampled_correct
 from rank1.driver.metrics import log
 
 
@@ -228,10 +228,8 @@ def evaluate(cfg: Config) -> dict:
     cfg.rollout.max_model_len = e.max_model_len or model_context(model_path, cfg)
     evalset = build_eval_set(cfg, tokenizer, run)
     samples = max(e.n or e.k, e.k) if e.k > 1 else 1
-    baseline = read_records(Path(e.compare_to)) if e.compare_to else None
-    if baseline is not None:  # fails before anything is generated
-        check_same_problems(Path(e.compare_to), baseline, [p["question"] for p in evalset.problems])
-        check_same_sampling(Path(e.compare_to), samples, e.temperature)
+    baseline = (read_baseline(Path(e.compare_to), [p["question"] for p in evalset.problems], samples, e.temperature)
+                if e.compare_to else None)  # refused before anything is generated
     out = Path(e.out or (Path(e.adapter).parent / "eval" if e.adapter else "eval"))
 
     init_ray(cfg.cluster)
@@ -276,8 +274,7 @@ def print_summary(summary: dict, out: Path) -> None:
     if "sampled_pass@1" in summary:
         print(f"sampled pass@1 (the share of correct samples): {summary['sampled_pass@1']:.3f}")
     if "compared_to" in summary:
-        gains = {k: v for k, v in summary["compared_to"].items() if k != "folder"}
-        print("\n".join(describe(gains, summary["compared_to"]["folder"])))
+        print("\n".join(describe(summary["compared_to"])))
 
 
 def main(argv: list[str]) -> int:
