@@ -1,4 +1,4 @@
-"""Reward functions by name: the built-ins `math` and `format`, or a user's `package.module:function`.
+"""Reward functions by name: the built-ins `math`, `format` and `steps`, or a user's `package.module:function`.
 
 A user function is called as `fn(completion: str, gold: str)` and must return a number (bool, int or
 float, finite). If it raises or returns anything else, that sample gets reward 0 with status 'error'
@@ -14,8 +14,9 @@ import numbers
 from typing import Callable
 
 from rank1.rewards.grading import Grade, format_reward, math_reward
+from rank1.rewards.steps import steps_reward
 
-BUILTINS: dict[str, Callable[..., Grade]] = {"math": math_reward, "format": format_reward}
+BUILTINS: dict[str, Callable[..., Grade]] = {"math": math_reward, "format": format_reward, "steps": steps_reward}
 
 
 class RewardFunctionError(ValueError):
