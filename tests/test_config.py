@@ -165,6 +165,13 @@ def test_defaults_follow_the_objective_and_where_the_adapter_starts(tmp_path):
     after_sft = load_config(["--objective", "grpo", "--adapter.init", str(run / "adapter")])
     # From an SFT adapter: its prompts (the bare question) and correctness alone (the format is learned).
     assert after_sft.grpo.instruction is None and after_sft.rewards.functions == ["math"]
+    # ... and the measured larger batch, learning rate and length; from the base the small ones; SFT its own.
+    shape = lambda c: (c.trainer.lr, c.grpo.prompts_per_step, c.grpo.num_generations, c.trainer.max_steps)  # noqa: E731
+    assert shape(after_sft) == (1e-4, 16, 8, 30) and shape(grpo) == (GRPO_LR, 4, 4, 60) and shape(sft)[0::3] == (SFT_LR, 60)
+    assert after_sft.trainer.micro_batch_size in (32, 4)  # 128 rows in forwards of 32 on a CPU learner (4 with a GPU)
+    mine = load_config(["--objective", "grpo", "--adapter.init", str(run / "adapter"), "--lr", "2e-5", "--grpo.num_generations", "4",
+                        "--max-steps", "5"])
+    assert shape(mine) == (2e-5, 16, 4, 5)
     (run / "config.yaml").write_text("trainer:\n  objective: grpo\ngrpo:\n  instruction: Think.\n")
     assert load_config(["--objective", "grpo", "--adapter.init", str(run / "adapter")]).grpo.instruction == "Think."
     kept = load_config(["--objective", "grpo", "--adapter.init", str(run / "adapter"), "--grpo.instruction", "Be brief."])

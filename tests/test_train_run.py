@@ -146,7 +146,7 @@ def test_continued_adapter_keeps_its_own_config(tmp_path, model_path):
 @pytest.mark.slow
 def test_held_out_accuracy_at_the_start_and_end_of_a_run(tmp_path):
     out = tmp_path / "run"
-    result = run_rank1("train", *SMALL, "--eval.in_training", "true", "--max-steps", "4",
+    result = run_rank1("train", *SMALL, "--eval.in_training", "true", "--max-steps", "4", "--eval.k", "2",
                        "--eval.heldout_rows", "12", "--eval.max_new_tokens", "24", "--rollout.backend", "transformers",
                        "--cluster.local_num_cpus", "2", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -155,7 +155,21 @@ def test_held_out_accuracy_at_the_start_and_end_of_a_run(tmp_path):
     assert [r["step"] for r in evaluated] == [0, 4] and all(r["heldout_problems"] == 12 for r in evaluated)
     assert all(0 <= r["heldout_accuracy"] <= 1 and r["heldout_ci95"][0] <= r["heldout_accuracy"] <= r["heldout_ci95"][1]
                for r in evaluated)
+    # eval.k 2: each evaluation also samples 2 completions a problem; the end's gain over the start is paired
+    assert all(r["heldout_sampled_accuracy"] in {i / 24 for i in range(25)} for r in evaluated)
+    start, end = evaluated
+    assert "heldout_gain_pass@1" not in start and end["heldout_gain_since_step"] == 0
+    for metric, key in (("pass@1", "heldout_accuracy"), ("sampled_pass@1", "heldout_sampled_accuracy")):
+        assert end[f"heldout_gain_{metric}"] == pytest.approx(end[key] - start[key], abs=1e-9)
+        low, high = end[f"heldout_gain_{metric}_ci95"]
+        assert low <= end[f"heldout_gain_{metric}"] <= high
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["heldout_start"], summary["heldout_end"]) == (evaluated[0]["heldout_accuracy"], evaluated[1]["heldout_accuracy"])
-    assert f"held-out accuracy {100 * summary['heldout_start']:.1f} % -> {100 * summary['heldout_end']:.1f} % (12 problems)" in result.stderr
+    assert (summary["heldout_start"], summary["heldout_end"]) == (start["heldout_accuracy"], end["heldout_accuracy"])
+    assert (summary["heldout_sampled_start"], summary["heldout_sampled_end"]) == (start["heldout_sampled_accuracy"],
+                                                                                  end["heldout_sampled_accuracy"])
+    assert summary["heldout_gain_pass@1"] == end["heldout_gain_pass@1"]
+    low, high = end["heldout_gain_pass@1_ci95"]
+    assert (f"held-out accuracy {100 * summary['heldout_start']:.1f} % -> {100 * summary['heldout_end']:.1f} % "
+            f"({100 * end['heldout_gain_pass@1']:+.1f} points, paired 95 % interval {100 * low:+.1f} to {100 * high:+.1f}), "
+            f"12 problems; sampled pass@1 {100 * summary['heldout_sampled_start']:.1f} % -> ") in result.stderr
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]

@@ -128,9 +128,7 @@ def train(cfg: Config) -> Path:
     key, label, png = job.curve
     summary = write_summary(out, objective.name, key, time.perf_counter() - began)
     plot_curve(out / "metrics.jsonl", out / png, key, label, f"rank1 {objective.name.upper()}")
-    accuracy = (f"; held-out accuracy {100 * summary['heldout_start']:.1f} % -> {100 * summary['heldout_end']:.1f} % "
-                f"({summary['heldout_problems']} problems)") if "heldout_start" in summary else ""
-    log(f"{artifact} saved to {out / artifact}{accuracy}")
+    log(f"{artifact} saved to {out / artifact}{describe_heldout(summary)}")
     if cfg.export.push_to_hub:
         log(f"pushed {push_run(out, cfg)} to {cfg.export.push_to_hub}")
     return out
@@ -150,6 +148,25 @@ def make_heldout(cfg: Config, model_path: str, tokenizer, evalset, job, out: Pat
     return HeldoutEval(cfg, model_path, tokenizer, evalset, getattr(job, "rollouts", None))
 
 
+def describe_heldout(summary: dict) -> str:
+    """The final log line's account of held-out accuracy: start -> end, and the paired gain where measured."""
+    if "heldout_start" not in summary:
+        return ""
+
+    def change(metric: str) -> str:
+        if f"heldout_gain_{metric}" not in summary:
+            return ""
+        low, high = summary[f"heldout_gain_{metric}_ci95"]
+        return f" ({100 * summary[f'heldout_gain_{metric}']:+.1f} points, paired 95 % interval {100 * low:+.1f} to {100 * high:+.1f})"
+
+    text = (f"; held-out accuracy {100 * summary['heldout_start']:.1f} % -> {100 * summary['heldout_end']:.1f} %{change('pass@1')}, "
+            f"{summary['heldout_problems']} problems")
+    if "heldout_sampled_start" in summary:
+        text += (f"; sampled pass@1 {100 * summary['heldout_sampled_start']:.1f} % -> {100 * summary['heldout_sampled_end']:.1f} %"
+                 f"{change('sampled_pass@1')}")
+    return text
+
+
 def write_summary(out: Path, objective: str, key: str, seconds: float) -> dict:
     """RUN/summary.json: the run's first and last held-out accuracy, its final training metric and wall time."""
     rows = read_metrics(out / "metrics.jsonl")
@@ -158,8 +175,12 @@ def write_summary(out: Path, objective: str, key: str, seconds: float) -> dict:
     summary = {"objective": objective, "steps": max((r["step"] for r in rows), default=0), f"final_{key}": trained[-1][key] if trained else None,
                "wall_s": round(seconds, 1)}
     if heldout:
-        summary.update(heldout_start=heldout[0]["heldout_accuracy"], heldout_end=heldout[-1]["heldout_accuracy"],
-                       heldout_start_step=heldout[0]["step"], heldout_end_step=heldout[-1]["step"],
-                       heldout_ci95_end=heldout[-1]["heldout_ci95"], heldout_problems=heldout[-1]["heldout_problems"])
+        first, last = heldout[0], heldout[-1]
+        summary.update(heldout_start=first["heldout_accuracy"], heldout_end=last["heldout_accuracy"],
+                       heldout_start_step=first["step"], heldout_end_step=last["step"],
+                       heldout_ci95_end=last["heldout_ci95"], heldout_problems=last["heldout_problems"])
+        if "heldout_sampled_accuracy" in first and "heldout_sampled_accuracy" in last:
+            summary.update(heldout_sampled_start=first["heldout_sampled_accuracy"], heldout_sampled_end=last["heldout_sampled_accuracy"])
+        summary.update({k: v for k, v in last.items() if k.startswith("heldout_gain_")})  # the end's paired gain over the start
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -60,10 +60,19 @@ def _heldout_section(source: ExportSource) -> str:
     if "heldout_start" not in s:
         return ""
     low, high = s["heldout_ci95_end"]
-    return ("## Held-out accuracy during training\n\n"
+    text = ("## Held-out accuracy during training\n\n"
             f"Greedy pass@1 on {s['heldout_problems']} held-out problems (never trained on): "
             f"{100 * s['heldout_start']:.1f} % at step {s['heldout_start_step']} -> {100 * s['heldout_end']:.1f} % at step "
-            f"{s['heldout_end_step']} (95 % interval {100 * low:.1f}-{100 * high:.1f} %).\n\n")
+            f"{s['heldout_end_step']} (95 % interval {100 * low:.1f}-{100 * high:.1f} %).")
+    if "heldout_sampled_start" in s:
+        text += (f" Sampled pass@1 (the share of correct samples): {100 * s['heldout_sampled_start']:.1f} % -> "
+                 f"{100 * s['heldout_sampled_end']:.1f} %.")
+    for metric in ("pass@1", "sampled_pass@1"):
+        if f"heldout_gain_{metric}" in s:
+            g_low, g_high = s[f"heldout_gain_{metric}_ci95"]
+            text += (f" Gain in {metric}: {100 * s[f'heldout_gain_{metric}']:+.1f} points (paired over problems, 95 % interval "
+                     f"{100 * g_low:+.1f} to {100 * g_high:+.1f}).")
+    return text + "\n\n"
 
 
 def _results_section(source: ExportSource) -> str:

@@ -142,3 +142,20 @@ def test_base_model_names_the_published_base(run_dir, tmp_path):
     assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["base_model_name_or_path"] == "someorg/some-base"
     meta = front_matter((tmp_path / "o" / "README.md").read_text())
     assert meta["base_model"] == "someorg/some-base" and "license" not in meta  # rank1 does not guess a license
+
+
+def test_card_states_the_runs_held_out_accuracy_and_its_paired_gain(run_dir, tmp_path):
+    summary = {"objective": "grpo", "heldout_start": 0.235, "heldout_end": 0.245, "heldout_start_step": 0, "heldout_end_step": 30,
+               "heldout_ci95_end": [0.19, 0.31], "heldout_problems": 200, "heldout_sampled_start": 0.166,
+               "heldout_sampled_end": 0.205, "heldout_gain_pass@1": 0.01, "heldout_gain_pass@1_ci95": [-0.03, 0.05],
+               "heldout_gain_sampled_pass@1": 0.039, "heldout_gain_sampled_pass@1_ci95": [0.02, 0.059]}  # what `rank1 train` writes
+    (run_dir["dir"] / "summary.json").write_text(json.dumps(summary))
+    try:
+        assert main([str(run_dir["dir"]), "--out", str(tmp_path / "card")]) == 0
+    finally:
+        (run_dir["dir"] / "summary.json").unlink()
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "23.5 % at step 0 -> 24.5 % at step 30 (95 % interval 19.0-31.0 %)" in card
+    assert "Sampled pass@1 (the share of correct samples): 16.6 % -> 20.5 %." in card
+    assert "Gain in sampled_pass@1: +3.9 points (paired over problems, 95 % interval +2.0 to +5.9)." in card
+    assert "Gain in pass@1: +1.0 points" in card

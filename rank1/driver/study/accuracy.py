@@ -68,7 +68,7 @@ def run_arm(arm: Arm, cfg: Config, forwarded: list[str], out: Path, done_arms: d
         candidates = []
         for lr in arm.lrs:
             run_dir = folder / f"lr-{lr:g}"
-            summary = train_run(run_dir, [*forwarded, *arm.train_flags(lr, init, study)])
+            summary = train_run(run_dir, [*forwarded, *arm.train_flags(lr, init, study, cfg.grpo)])
             entry = {"lr": lr, "run": run_dir.name, "train_s": summary["wall_s"], "steps": summary["steps"],
                      **{k: v for k, v in summary.items() if k.startswith("final_")}}
             if len(arm.lrs) > 1:

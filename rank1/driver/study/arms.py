@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rank1.core.config import GRPO_LR, ConfigError, StudyConfig
+from rank1.core.config import GRPO_LR, ConfigError, GRPOConfig, StudyConfig
 from rank1.driver.metrics import log
 
 PREEMPTED = 75
@@ -35,14 +35,18 @@ class Arm:
     lrs: list[float] = field(default_factory=list)
     after: str | None = None  # the arm whose artifact a GRPO arm starts from
 
-    def train_flags(self, lr: float, init: str | None, study: StudyConfig) -> list[str]:
+    def train_flags(self, lr: float, init: str | None, study: StudyConfig, grpo: GRPOConfig) -> list[str]:
         flags = ["--objective", self.kind, "--trainer.lr", repr(lr), "--eval.in_training", "false"]
         if self.full:
             flags += ["--adapter.full_finetune", "true"]
         else:
             flags += ["--adapter.r", str(self.rank)]
         if self.kind == "grpo":
-            flags += ["--adapter.init", init, "--trainer.max_steps", str(study.grpo_steps)]
+            # The study's own batch (its config resolves from the base: 4 prompts x 4 unless set), not
+            # GRPO_FROM_ADAPTER's 16 x 8, which alone would take ~17 of the study's 45 CPU minutes; the study
+            # scores greedy, which neither batch moved (README Results).
+            flags += ["--adapter.init", init, "--trainer.max_steps", str(study.grpo_steps),
+                      "--grpo.prompts_per_step", str(grpo.prompts_per_step), "--grpo.num_generations", str(grpo.num_generations)]
         return flags
 
     @property
