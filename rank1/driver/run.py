@@ -181,6 +181,7 @@ def write_summary(out: Path, objective: str, key: str, seconds: float) -> dict:
                        heldout_ci95_end=last["heldout_ci95"], heldout_problems=last["heldout_problems"])
         if "heldout_sampled_accuracy" in first and "heldout_sampled_accuracy" in last:
             summary.update(heldout_sampled_start=first["heldout_sampled_accuracy"], heldout_sampled_end=last["heldout_sampled_accuracy"])
-        summary.update({k: v for k, v in last.items() if k.startswith("heldout_gain_")})  # the end's paired gain over the start
+        if last.get("heldout_gain_since_step") == first["step"]:  # after a resume the gain is over its first evaluation
+            summary.update({k: v for k, v in last.items() if k.startswith("heldout_gain_")})  # the end's paired gain over the start
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
