@@ -69,15 +69,15 @@ def evaluate(expression: str) -> Fraction | None:
         return None
 
 
-def left_side_value(text: str) -> Fraction | None:
-    """The value of the arithmetic that ends `text` (the characters before an '='): the longest run of
+def left_side(text: str) -> tuple[Fraction, str] | None:
+    """The arithmetic that ends `text` (the characters before an '='), and its value: the longest run of
     numbers and operators, else one of its 3 shorter tails (so '1. 26 * 5', a list item, reads as 26 * 5)."""
-    run = LEFT_SIDE.search(text[-MAX_LEFT_SIDE:])[0]
-    tokens = run.split()
+    tokens = LEFT_SIDE.search(text)[0].split()
     for i in range(min(len(tokens), 4)):
-        value = evaluate(" ".join(tokens[i:]))
+        expression = " ".join(tokens[i:])
+        value = evaluate(expression)
         if value is not None:
-            return value
+            return value, expression
     return None
 
 
@@ -87,13 +87,12 @@ def reached_results(text: str, limit: int | None = None) -> set[Fraction]:
     text = THOUSANDS_COMMA.sub("", text.replace("<<", "\n").replace(">>", "\n"))
     reached, seen = set(), 0
     for match in EQUALS.finditer(text):
-        rhs = Fraction(match[1])
-        left = text[max(0, match.start() - MAX_LEFT_SIDE) : match.start()]
-        value = left_side_value(left)
-        if value is None:
+        found = left_side(text[max(0, match.start() - MAX_LEFT_SIDE) : match.start()])
+        if found is None:
             continue
         seen += 1
-        restated = any(Fraction(n) == abs(rhs) for n in LITERAL.findall(LEFT_SIDE.search(left)[0]))
+        (value, expression), rhs = found, Fraction(match[1])
+        restated = any(Fraction(n) == abs(rhs) for n in LITERAL.findall(expression))
         if value == rhs and not restated:
             reached.add(rhs)
         if limit is not None and seen >= limit:
