@@ -87,13 +87,18 @@ def paired_gains(theirs: list[dict], records: list[dict]) -> dict:
     return result
 
 
+def paired_interval(ci95: list[float]) -> str:
+    """'paired 95 % interval -3.0 to +5.0' (points) for a gain's interval in shares."""
+    low, high = ci95
+    return f"paired 95 % interval {100 * low:+.1f} to {100 * high:+.1f}"
+
+
 def describe(compared: dict) -> list[str]:
     """Lines for `summary["compared_to"]`: {folder, metric: gain}."""
     lines = []
     for metric, g in compared.items():
         if metric == "folder":
             continue
-        low, high = g["ci95"]
         lines.append(f"{metric}: {100 * g['this']:.1f} % vs {100 * g['baseline']:.1f} % in {compared['folder']}: "
-                     f"{100 * g['value']:+.1f} points (paired 95 % interval {100 * low:+.1f} to {100 * high:+.1f})")
+                     f"{100 * g['value']:+.1f} points ({paired_interval(g['ci95'])})")
     return lines

@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rank1.core.commands import EVAL, command_main
-from rank1.core.config import Config, DataConfig
+from rank1.core.config import Config, DataConfig, EvalConfig
 from rank1.core.data import DataError, heldout_arithmetic_rows, read_rows
 from rank1.driver.eval_compare import describe, paired_gains, read_baseline, sampled_correct
 from rank1.driver.metrics import log
@@ -160,6 +160,11 @@ def build_eval_set(cfg: Config, tokenizer, run: Config | None = None) -> EvalSet
     return EvalSet(e.data, problems, prompts, gold_format, min(wanted, room))
 
 
+def sample_count(e: EvalConfig) -> int:
+    """Samples drawn per problem: eval.n (at least eval.k) when eval.k > 1, else the greedy answer alone."""
+    return max(e.n or e.k, e.k) if e.k > 1 else 1
+
+
 def score_eval_set(engines, rewards, evalset: EvalSet, cfg: Config, samples: int = 1, progress: bool = True,
                    slot: int = 0) -> tuple[list[dict], dict]:
     """Greedy pass@1 (and pass@k from `samples` draws) of what the engines serve now in `slot`; per-problem records and the summary."""
@@ -227,7 +232,7 @@ def evaluate(cfg: Config) -> dict:
     tokenizer = load_tokenizer(model_path, cfg.model)
     cfg.rollout.max_model_len = e.max_model_len or model_context(model_path, cfg)
     evalset = build_eval_set(cfg, tokenizer, run)
-    samples = max(e.n or e.k, e.k) if e.k > 1 else 1
+    samples = sample_count(e)
     baseline = (read_baseline(Path(e.compare_to), [p["question"] for p in evalset.problems], samples, e.temperature)
                 if e.compare_to else None)  # refused before anything is generated
     out = Path(e.out or (Path(e.adapter).parent / "eval" if e.adapter else "eval"))

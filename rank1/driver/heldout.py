@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 
 from rank1.core.workers import init_ray
-from rank1.driver.eval_compare import outcome, paired_gains
-from rank1.driver.evaluate import score_eval_set
+from rank1.driver.eval_compare import outcome, paired_gains, paired_interval
+from rank1.driver.evaluate import sample_count, score_eval_set
 from rank1.driver.metrics import log
 from rank1.driver.rollouts import lora_rank, push_learner_adapter
 from rank1.rewards.pool import RewardPool
@@ -52,7 +52,7 @@ class HeldoutEval:
 
     def score(self, step: int, run: int | None = None) -> dict:
         e = self.cfg.eval
-        samples = max(e.n or e.k, e.k) if e.k > 1 else 1
+        samples = sample_count(e)
         records, summary = score_eval_set(self.engines, self.rewards, self.evalset, self.cfg, samples=samples, progress=False,
                                           slot=run or 0)
         low, high = summary["pass@1_ci95"]
@@ -72,8 +72,7 @@ class HeldoutEval:
             result["heldout_gain_since_step"] = since
             for metric, g in paired_gains(outcomes, records).items():
                 result[f"heldout_gain_{metric}"], result[f"heldout_gain_{metric}_ci95"] = g["value"], g["ci95"]
-                text += (f"; {metric} {100 * g['value']:+.1f} points since step {since} "
-                         f"(paired 95 % interval {100 * g['ci95'][0]:+.1f} to {100 * g['ci95'][1]:+.1f})")
+                text += f"; {metric} {100 * g['value']:+.1f} points since step {since} ({paired_interval(g['ci95'])})"
         log(text)
         return result
 

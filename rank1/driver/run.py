@@ -19,6 +19,7 @@ from rank1.core.config import Config
 from rank1.core.model import count_adapters_from_config, load_tokenizer, resolve_model_path
 from rank1.core.workers import LocalGroup, WorkerDied, WorkerGroup, free_port, init_ray, rendezvous_port
 from rank1.driver.checkpoints import latest_checkpoint, prepare_output_dir, restore_point
+from rank1.driver.eval_compare import paired_interval
 from rank1.driver.grpo import GRPOJob
 from rank1.driver.loop import RunState, job_session
 from rank1.driver.metrics import MetricsSink, log, plot_curve, read_metrics
@@ -156,8 +157,7 @@ def describe_heldout(summary: dict) -> str:
     def change(metric: str) -> str:
         if f"heldout_gain_{metric}" not in summary:
             return ""
-        low, high = summary[f"heldout_gain_{metric}_ci95"]
-        return f" ({100 * summary[f'heldout_gain_{metric}']:+.1f} points, paired 95 % interval {100 * low:+.1f} to {100 * high:+.1f})"
+        return f" ({100 * summary[f'heldout_gain_{metric}']:+.1f} points, {paired_interval(summary[f'heldout_gain_{metric}_ci95'])})"
 
     text = (f"; held-out accuracy {100 * summary['heldout_start']:.1f} % -> {100 * summary['heldout_end']:.1f} %{change('pass@1')}, "
             f"{summary['heldout_problems']} problems")

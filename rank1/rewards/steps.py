@@ -2,9 +2,10 @@
 
 A final-answer reward says nothing about a two-step solution whose first step is right and second is
 wrong, and pays a lucky answer after a wrong first step. On the embedded arithmetic task that is the
-commonest failure of the SFT adapter (first step right, second wrong: 629 of 1,800 completions on
-arithmetic-val, 8 samples and the greedy one per problem, against 303 with both steps right). `steps` is the share of the gold's intermediate results
-that the completion reaches by an equation that holds: `26 * 5 = 130` earns its share of
+commonest failure of the SFT adapter (counted by hand in its `rank1 eval --k 8` problems.jsonl on
+arithmetic-val: first step right and second wrong in 629 of 1,800 completions, both right in 303).
+`steps` is the share of the gold's intermediate results that the completion reaches by an equation
+that holds: `26 * 5 = 130` earns its share of
 "26 * 5 = 130 / 130 - 13 = 117"; `26 * 5 = 150` does not, nor does `150 - 13 = 117`.
 
 The gold's steps are its `a op b = c` lines (the embedded data) or GSM8K's `<<a*b=c>>` calculator
